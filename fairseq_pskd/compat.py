@@ -1,0 +1,55 @@
+"""What stock fairseq 0.12 needs to run on today's torch.
+
+torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and fairseq 0.12
+checkpoints pickle a few non-tensor objects, so ``fairseq-generate``,
+``fairseq-interactive`` and resuming ``fairseq-train`` fail with "Weights only load
+failed". Rather than switching safe loading off (``weights_only=False`` would execute any
+pickled object), we add to torch's allow-list exactly the globals fairseq checkpoints
+hold. A checkpoint that holds any other object is still refused by torch.
+
+The plugin is imported through ``--user-dir`` before fairseq reads any checkpoint, so
+importing this package is enough; nothing in fairseq is patched.
+"""
+import argparse
+
+# Found with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints written by
+# fairseq 0.12.3 (transformer, adam, inverse_sqrt, with and without label smoothing / PS-KD):
+# only the legacy ``args`` field (an argparse.Namespace) is not a plain container.
+# numpy scalars are added because checkpoints written by older fairseq or by tasks that
+# log numpy metrics (e.g. a best-checkpoint score) can store np.float64 values; they are
+# plain data and safe to reconstruct.
+FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def _numpy_scalar_globals():
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch/fairseq
+        return []
+    try:  # numpy >= 2 moved the reconstructor; torch resolves it by module path
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32")]
+    return [scalar, np.dtype, *dtypes]
+
+
+def allowed_globals():
+    """The objects the plugin adds to torch's weights-only allow-list."""
+    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_scalar_globals()
+
+
+_installed = False
+
+
+def install():
+    """Allow exactly what fairseq checkpoints need in torch's weights-only unpickler."""
+    global _installed
+    if _installed:
+        return
+    import torch
+
+    add = getattr(getattr(torch, "serialization", None), "add_safe_globals", None)
+    if add is not None:  # torch < 2.4 has no allow-list and loads with weights_only=False anyway
+        add(allowed_globals())
+    _installed = True

@@ -1,0 +1,69 @@
+"""Shared test fixtures: a tiny synthetic parallel corpus, binarised with fairseq-preprocess,
+and helpers that run the real fairseq command-line tools with --user-dir fairseq_pskd."""
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "fairseq_pskd")
+SHARED = REPO.parent / "shared"
+
+# A transformer small enough to train an epoch of the toy corpus in about a second on CPU.
+TINY_ARCH = [
+    "--arch", "transformer",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+    "--share-all-embeddings",
+]
+TINY_TRAIN = [
+    "--optimizer", "adam", "--lr", "1e-3", "--max-tokens", "400",
+    "--no-progress-bar", "--log-format", "simple", "--log-interval", "1",
+    "--cpu", "--seed", "1", "--num-workers", "0",
+]
+
+
+def run_fairseq(tool, *args, check=True, env=None, timeout=600):
+    """Run fairseq_cli.<tool> in a subprocess; return CompletedProcess with merged output."""
+    cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *map(str, args)]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def make_toy_corpus(directory: Path, n_train=240, n_valid=24, n_test=24, vocab=40, seed=0):
+    """A learnable toy task: the target is the source reversed, with a word mapping."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(vocab)]
+    mapping = {w: f"v{i}" for i, w in enumerate(words)}
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        with open(directory / f"{split}.src", "w") as fs, open(directory / f"{split}.tgt", "w") as ft:
+            for _ in range(n):
+                sent = rng.choices(words, k=rng.randint(3, 9))
+                fs.write(" ".join(sent) + "\n")
+                ft.write(" ".join(mapping[w] for w in reversed(sent)) + "\n")
+    return directory
+
+
+def binarize(raw: Path, dest: Path):
+    run_fairseq("preprocess", "--source-lang", "src", "--target-lang", "tgt",
+                "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+                "--destdir", dest, "--joined-dictionary", "--workers", "1")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def toy_data_bin(tmp_path_factory):
+    """Binarised toy corpus (train/valid/test), built once per test session."""
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_corpus(root / "raw")
+    return binarize(root / "raw", root / "data-bin")

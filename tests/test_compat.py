@@ -1,0 +1,53 @@
+"""The checkpoint allow-list admits what fairseq checkpoints hold and nothing else."""
+import argparse
+import fractions
+import pickle
+
+import pytest
+import torch
+
+import fairseq_pskd  # noqa: F401  (installs the allow-list)
+from fairseq_pskd import compat
+
+
+def test_namespace_checkpoint_loads(tmp_path):
+    path = tmp_path / "ok.pt"
+    torch.save({"args": argparse.Namespace(arch="transformer", lr=[0.1]),
+                "model": {"w": torch.ones(2)}}, path)
+    state = torch.load(path)  # default weights_only=True on torch >= 2.6
+    assert state["args"].arch == "transformer" and state["args"].lr == [0.1]
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_foreign_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="fractions.Fraction"):
+        torch.load(path)
+
+
+def test_weights_only_not_switched_off_globally():
+    # Safe loading stays the default; only the allow-list grew.
+    assert torch.serialization._default_to_weights_only(None) is True
+    allowed = torch.serialization.get_safe_globals()
+    assert argparse.Namespace in allowed
+    assert set(map(id, compat.allowed_globals())) <= set(map(id, allowed))
+
+
+def test_foreign_object_in_real_fairseq_checkpoint_is_refused(toy_data_bin, tmp_path):
+    """A real fairseq checkpoint with one foreign object added is refused by fairseq's loader."""
+    from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+    from fairseq import checkpoint_utils
+
+    save = tmp_path / "ckpt"
+    run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
+                "--criterion", "label_smoothed_cross_entropy", "--max-epoch", 1, "--save-dir", save)
+    good = save / "checkpoint_last.pt"
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(good))  # loads with the plugin imported
+    assert "model" in state
+    raw = torch.load(good)
+    raw["extra_state"]["payload"] = fractions.Fraction(2, 7)
+    bad = tmp_path / "tampered.pt"
+    torch.save(raw, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint_utils.load_checkpoint_to_cpu(str(bad))
