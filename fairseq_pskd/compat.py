@@ -13,30 +13,31 @@ importing this package is enough; nothing in fairseq is patched.
 import argparse
 
 # Found with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints written by
-# fairseq 0.12.3 (transformer, adam, inverse_sqrt, with and without label smoothing / PS-KD):
-# only the legacy ``args`` field (an argparse.Namespace) is not a plain container.
-# numpy scalars are added because checkpoints written by older fairseq or by tasks that
-# log numpy metrics (e.g. a best-checkpoint score) can store np.float64 values; they are
-# plain data and safe to reconstruct.
+# fairseq 0.12.3 (transformer, adam, inverse_sqrt, label smoothing / PS-KD): the legacy
+# ``args`` field is an argparse.Namespace; with --eval-bleu the saved metrics state holds
+# numpy arrays (BLEU n-gram counts), which need numpy's array reconstructor and dtypes.
+# numpy arrays of plain dtypes are data: an object-dtype array pickles its elements as
+# separate globals, which stay refused.
 FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
-def _numpy_scalar_globals():
+def _numpy_globals():
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy comes with torch/fairseq
         return []
-    try:  # numpy >= 2 moved the reconstructor; torch resolves it by module path
-        from numpy._core.multiarray import scalar
+    try:  # numpy >= 2 moved these; torch resolves them by the module path they pickle under
+        from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar
-    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32")]
-    return [scalar, np.dtype, *dtypes]
+        from numpy.core.multiarray import _reconstruct, scalar
+    dtypes = [type(np.dtype(t)) for t in
+              ("float64", "float32", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")]
+    return [scalar, _reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
 def allowed_globals():
     """The objects the plugin adds to torch's weights-only allow-list."""
-    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_scalar_globals()
+    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals()
 
 
 _installed = False

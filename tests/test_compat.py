@@ -51,3 +51,18 @@ def test_foreign_object_in_real_fairseq_checkpoint_is_refused(toy_data_bin, tmp_
     torch.save(raw, bad)
     with pytest.raises(pickle.UnpicklingError):
         checkpoint_utils.load_checkpoint_to_cpu(str(bad))
+
+
+def test_numpy_metric_state_loads_but_object_arrays_do_not(tmp_path):
+    """--eval-bleu checkpoints keep numpy count arrays in their metrics state: allowed. An
+    object-dtype array can carry arbitrary objects: still refused."""
+    import numpy as np
+    path = tmp_path / "bleu.pt"
+    torch.save({"extra_state": {"metrics": {"_bleu_counts": np.array([3.0, 2.0]),
+                                            "best": np.float64(1.5)}}}, path)
+    state = torch.load(path)
+    assert state["extra_state"]["metrics"]["_bleu_counts"].tolist() == [3.0, 2.0]
+    bad = tmp_path / "objarr.pt"
+    torch.save({"x": np.array([fractions.Fraction(1, 2)], dtype=object)}, bad)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(bad)

@@ -1,0 +1,630 @@
+"""Evaluation for PS-KD NMT models: BLEU/chrF, token-level calibration, checkpoint averaging.
+
+Command line (``python -m fairseq_pskd.evaluate <command> ...``)::
+
+    score        sacreBLEU BLEU and chrF of fairseq-generate output (or plain hypotheses)
+    calibration  teacher-forced token-level ECE, accuracy, NLL, AURC / E-AURC + reliability diagram
+    average      average the parameters of the last N epoch (or update) checkpoints
+
+The metric functions (``expected_calibration_error``, ``reliability_bins``, ``aurc``, ...)
+are plain numpy and have no fairseq dependency, so other code can reuse them. fairseq,
+torch and matplotlib are imported only by the commands that need them.
+See docs/EVALUATION.md for the definitions and examples.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_BINS = 10  # PS-KD reference code (utils/metric.py) uses bin_size=0.1
+
+
+class EvaluationError(Exception):
+    """A user-facing error: printed as ``error: <message>``, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------
+# Calibration / selective-prediction metrics (pure numpy)
+# --------------------------------------------------------------------------------------
+
+def _as_numpy(x, dtype):
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype).reshape(-1)
+
+
+def _check_inputs(confidence, correct):
+    confidence = _as_numpy(confidence, np.float64)
+    correct = _as_numpy(correct, bool)
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence has {confidence.size} values but correct has {correct.size}")
+    if confidence.size == 0:
+        raise ValueError("no predictions to evaluate")
+    return confidence, correct
+
+
+def reliability_bins(confidence, correct, n_bins=DEFAULT_BINS):
+    """Equal-width confidence bins over [0, 1].
+
+    Bin ``i`` holds the predictions with ``edges[i] < confidence <= edges[i+1]`` (the
+    PS-KD / Guo et al. convention); confidence 0 goes to the first bin and values
+    outside [0, 1] (rounding) are clipped into the end bins.
+
+    Returns a dict of numpy arrays: ``edges`` (n_bins+1), ``counts``, ``accuracy`` and
+    ``confidence`` (per-bin means; NaN for empty bins), and ``total``.
+    """
+    if int(n_bins) < 1:
+        raise ValueError("n_bins must be >= 1")
+    n_bins = int(n_bins)
+    confidence, correct = _check_inputs(confidence, correct)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # searchsorted(side="left") counts the inner edges strictly below the value, which
+    # gives exactly the right-closed bins (lo, hi], using the same edges we report.
+    idx = np.searchsorted(edges[1:-1], confidence, side="left")
+    counts = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    sum_conf = np.bincount(idx, weights=confidence, minlength=n_bins)
+    sum_correct = np.bincount(idx, weights=correct.astype(np.float64), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(counts > 0, sum_correct / counts, np.nan)
+        conf = np.where(counts > 0, sum_conf / counts, np.nan)
+    return {"edges": edges, "counts": counts, "accuracy": acc, "confidence": conf,
+            "total": int(confidence.size)}
+
+
+def expected_calibration_error(confidence, correct, n_bins=DEFAULT_BINS):
+    """ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)| over equal-width bins (a fraction, not %).
+
+    Empty bins contribute nothing.
+    """
+    return _ece_from_bins(reliability_bins(confidence, correct, n_bins))
+
+
+def _ece_from_bins(bins):
+    counts = np.asarray(bins["counts"], dtype=np.float64)
+    filled = counts > 0
+    gaps = np.abs(np.asarray(bins["accuracy"], dtype=np.float64)[filled]
+                  - np.asarray(bins["confidence"], dtype=np.float64)[filled])
+    return float(np.sum(counts[filled] * gaps) / counts.sum())
+
+
+def risk_coverage_curve(confidence, correct):
+    """Selective risk at each coverage i/n, keeping the i most confident predictions.
+
+    Ties in confidence keep their input order (stable sort), so the curve is deterministic.
+    Returns ``(coverage, risk)``, both of length n.
+    """
+    confidence, correct = _check_inputs(confidence, correct)
+    order = np.argsort(-confidence, kind="stable")
+    errors = np.cumsum(~correct[order])
+    kept = np.arange(1, confidence.size + 1)
+    return kept / confidence.size, errors / kept
+
+
+def aurc(confidence, correct):
+    """Area under the risk-coverage curve: the mean of the selective risks at coverages
+    1/n, 2/n, ..., 1 (Geifman et al. 2019; PS-KD reference code). Lower is better."""
+    return float(np.mean(risk_coverage_curve(confidence, correct)[1]))
+
+
+def optimal_aurc(correct):
+    """AURC of a perfect confidence ranking (every correct prediction ranked above every
+    error): (1/n) * sum_{k=1..e} k / (n - e + k) for e errors out of n. This is the exact
+    finite-sample optimum the PS-KD code subtracts (not the r + (1-r)ln(1-r) limit)."""
+    correct = _as_numpy(correct, bool)
+    if correct.size == 0:
+        raise ValueError("no predictions to evaluate")
+    n, e = correct.size, int(np.sum(~correct))
+    k = np.arange(1, e + 1, dtype=np.float64)
+    return float(np.sum(k / (n - e + k)) / n)
+
+
+def excess_aurc(confidence, correct):
+    """E-AURC = AURC - optimal AURC: the part of AURC due to a bad ranking rather than to
+    the error rate itself. 0 for a perfect ranking."""
+    return aurc(confidence, correct) - optimal_aurc(correct)
+
+
+def calibration_metrics(confidence, correct, nll_sum=None, n_bins=DEFAULT_BINS):
+    """All token-level metrics of one evaluation, as plain floats (fractions, not %)."""
+    confidence, correct = _check_inputs(confidence, correct)
+    bins = reliability_bins(confidence, correct, n_bins)
+    ece = _ece_from_bins(bins)
+    a, opt = aurc(confidence, correct), optimal_aurc(correct)
+    out = {
+        "num_tokens": int(confidence.size),
+        "bins": int(n_bins),
+        "ece": ece,
+        "accuracy": float(np.mean(correct)),
+        "mean_confidence": float(np.mean(confidence)),
+        "aurc": a,
+        "optimal_aurc": opt,
+        "eaurc": a - opt,
+    }
+    if nll_sum is not None:
+        out["nll"] = float(nll_sum) / confidence.size
+        out["ppl"] = float(math.exp(min(out["nll"], 700.0)))
+    out["reliability"] = {
+        "edges": bins["edges"].tolist(),
+        "counts": bins["counts"].tolist(),
+        # JSON has no NaN: empty bins are null
+        "accuracy": [None if np.isnan(v) else float(v) for v in bins["accuracy"]],
+        "confidence": [None if np.isnan(v) else float(v) for v in bins["confidence"]],
+    }
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Reliability diagram
+# --------------------------------------------------------------------------------------
+
+def plot_reliability(bins, path, title=None, ece=None):
+    """Reliability diagram (per-bin accuracy vs confidence, gap to the diagonal) above a
+    histogram of the confidences; ``bins`` as returned by ``reliability_bins``."""
+    import logging
+    # importing fairseq leaves the root logger at DEBUG (its text_to_speech task calls
+    # basicConfig); keep matplotlib's font-search chatter out of the output
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    edges = np.asarray(bins["edges"], dtype=float)
+    counts = np.asarray(bins["counts"], dtype=float)
+    acc = np.array([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
+    conf = np.array([np.nan if v is None else v for v in bins["confidence"]], dtype=float)
+    width = np.diff(edges)
+    left = edges[:-1]
+    filled = counts > 0
+    if ece is None:
+        ece = _ece_from_bins({"counts": counts, "accuracy": acc, "confidence": conf})
+
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 7), sharex=True,
+                                   gridspec_kw={"height_ratios": [3, 1.3]})
+    ax.bar(left[filled], acc[filled], width=width[filled], align="edge",
+           color="tab:blue", edgecolor="black", linewidth=0.6, label="accuracy")
+    # the gap is drawn from the accuracy up (or down) to the bin's mean confidence
+    ax.bar(left[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width[filled],
+           align="edge", color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//",
+           linewidth=0.6, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title + chr(10) if title else ''}ECE = {100 * ece:.2f}% ({len(counts)} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+
+    total = counts.sum()
+    hist.bar(left, counts / total if total else counts, width=width, align="edge",
+             color="tab:gray", edgecolor="black", linewidth=0.6)
+    mean_conf = float(np.nansum(conf * counts) / total) if total else float("nan")
+    mean_acc = float(np.nansum(acc * counts) / total) if total else float("nan")
+    hist.axvline(mean_acc, color="tab:blue", linestyle="-", label=f"accuracy {mean_acc:.3f}")
+    hist.axvline(mean_conf, color="tab:red", linestyle="--", label=f"avg confidence {mean_conf:.3f}")
+    hist.set_xlabel("confidence (max softmax probability)")
+    hist.set_ylabel("fraction of tokens")
+    hist.legend(loc="best", fontsize=8)
+    hist.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# score: BLEU / chrF of fairseq-generate output
+# --------------------------------------------------------------------------------------
+
+_HYP_LINE = re.compile(r"^H-(\d+)\t([^\t]*)(?:\t(.*))?$")
+
+
+def read_generate_hypotheses(path):
+    """Best hypothesis per sentence id from fairseq-generate/interactive output, sorted by id.
+
+    Lines are ``H-<id>\\t<score>\\t<text>``; an empty hypothesis may lose its text field.
+    With --nbest > 1 the first H- line of an id is its best one, so later ones are dropped.
+    """
+    hyps = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = _HYP_LINE.match(line.rstrip("\r\n"))
+            if m:
+                hyps.setdefault(int(m.group(1)), m.group(3) or "")
+    return [hyps[i] for i in sorted(hyps)], sorted(hyps)
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def detokenize(lines, lang):
+    """Moses detokenisation of moses-tokenised text; the project's prepare module when
+    present (same settings as data preparation), sacremoses directly otherwise."""
+    try:
+        from fairseq_pskd.prepare.text import detokenize as prepare_detokenize
+    except ImportError:
+        prepare_detokenize = None
+    if prepare_detokenize is not None:
+        return list(prepare_detokenize(lines, lang))
+    from sacremoses import MosesDetokenizer
+    md = MosesDetokenizer(lang=lang)
+    # unescape=False as in prepare.text: the pipeline never escapes, so a literal "&amp;"
+    # produced by the model must stay as it is
+    return [" ".join(md.detokenize(line.split(), unescape=False).split()) for line in lines]
+
+
+def bleu_chrf(hyps, refs, tokenize=None):
+    """Corpus BLEU and chrF with sacrebleu defaults (tokenize=None: 13a)."""
+    from sacrebleu.metrics import BLEU, CHRF
+    try:
+        bleu = BLEU(tokenize=tokenize) if tokenize else BLEU()
+    except KeyError:
+        raise EvaluationError(f"unknown sacrebleu tokenizer {tokenize!r}") from None
+    chrf = CHRF()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    return {
+        "bleu": float(b.score),
+        "chrf": float(c.score),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "bleu_detail": str(b),
+        "bleu_line": b.format(signature=str(bleu.get_signature())),
+        "chrf_line": c.format(signature=str(chrf.get_signature())),
+        "n": len(hyps),
+    }
+
+
+def _infer_lang(ref_path):
+    suffix = Path(ref_path).suffix.lstrip(".")
+    return suffix if re.fullmatch(r"[a-z]{2,3}", suffix) else None
+
+
+def cmd_score(args):
+    if not os.path.isfile(args.ref):
+        raise EvaluationError(f"reference file not found: {args.ref}")
+    refs = read_lines(args.ref)
+    if args.generate_output:
+        if not os.path.isfile(args.generate_output):
+            raise EvaluationError(f"generate output not found: {args.generate_output}")
+        hyps, ids = read_generate_hypotheses(args.generate_output)
+        if not hyps:
+            raise EvaluationError(f"no H-<id> lines in {args.generate_output}; is it fairseq-generate output?")
+        if len(hyps) != len(refs):
+            raise EvaluationError(
+                f"{len(hyps)} hypotheses in {args.generate_output} but {len(refs)} reference lines "
+                f"in {args.ref}")
+        if ids != list(range(len(refs))):
+            missing = sorted(set(range(len(refs))) - set(ids))[:10]
+            raise EvaluationError(f"hypothesis ids are not 0..{len(refs) - 1}; missing e.g. {missing}")
+        # generate prints moses-tokenised text: detokenise unless told not to
+        lang = None if args.no_detok else (args.detok_lang or _infer_lang(args.ref))
+        if lang is None and not args.no_detok:
+            raise EvaluationError(
+                f"cannot tell the target language from {args.ref}: pass --detok-lang LANG or --no-detok")
+        source = args.generate_output
+    else:
+        if not os.path.isfile(args.hyp):
+            raise EvaluationError(f"hypothesis file not found: {args.hyp}")
+        hyps = read_lines(args.hyp)
+        if len(hyps) != len(refs):
+            raise EvaluationError(
+                f"{len(hyps)} hypothesis lines in {args.hyp} but {len(refs)} reference lines in {args.ref}")
+        lang = None if args.no_detok else args.detok_lang  # plain hypotheses: already detokenised
+        source = args.hyp
+    if lang:
+        hyps = detokenize(hyps, lang)
+        print(f"hypotheses Moses-detokenised as {lang!r}", file=sys.stderr)
+    result = bleu_chrf(hyps, refs, tokenize=args.tokenize)
+    result.update({"hypotheses": str(source), "reference": str(args.ref), "detok_lang": lang})
+
+    # the same lines sacrebleu's own CLI prints: score and signature together
+    print(result.pop("bleu_line"))
+    print(result.pop("chrf_line"))
+    if args.detok_output:
+        Path(args.detok_output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    if args.json:
+        _write_json(args.json, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# calibration: teacher-forced token-level metrics of a fairseq checkpoint
+# --------------------------------------------------------------------------------------
+
+def collect_token_statistics(model, task, subset, max_tokens=None, batch_size=None,
+                             device="cpu", skip_invalid_size_inputs=False):
+    """Teacher-forced pass over ``subset``: per non-pad target token, the max-softmax
+    confidence and whether the argmax is the reference token, plus the summed NLL (nats).
+
+    Returns ``(confidence float64[N], correct bool[N], nll_sum, num_sentences)``.
+    """
+    import torch
+    from fairseq import utils
+
+    dataset = task.dataset(subset)
+    itr = task.get_batch_iterator(
+        dataset=dataset, max_tokens=max_tokens, max_sentences=batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=skip_invalid_size_inputs, required_batch_size_multiple=1,
+        seed=1, num_shards=1, shard_id=0, num_workers=0,
+    ).next_epoch_itr(shuffle=False)
+    pad = task.target_dictionary.pad()
+    confs, corrects = [], []
+    nll_sum, n_sent = 0.0, 0
+    model.eval()  # no dropout: the model as it translates
+    with torch.no_grad():
+        for sample in itr:
+            if not sample or "net_input" not in sample:
+                continue
+            if device != "cpu":
+                sample = utils.move_to_cuda(sample)
+            net_output = model(**sample["net_input"])
+            lprobs = model.get_normalized_probs(net_output, log_probs=True).float()
+            target = sample["target"]
+            mask = target.ne(pad)
+            max_lp, pred = lprobs.max(dim=-1)
+            tgt_lp = lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            confs.append(max_lp[mask].exp().double().cpu())
+            corrects.append(pred[mask].eq(target[mask]).cpu())
+            nll_sum -= float(tgt_lp[mask].double().sum())
+            n_sent += int(sample["nsentences"]) if "nsentences" in sample else target.size(0)
+    if not confs:
+        raise EvaluationError(f"no batches in subset {subset!r}")
+    return (torch.cat(confs).numpy(), torch.cat(corrects).numpy().astype(bool), nll_sum, n_sent)
+
+
+def load_model(path, data_bin, use_cuda):
+    import fairseq_pskd  # noqa: F401  (torch>=2.6 checkpoint loading; registers the pskd criterion)
+    from fairseq import checkpoint_utils
+
+    import pickle
+    try:
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(path)], arg_overrides={"data": str(data_bin)})
+    except pickle.UnpicklingError as e:
+        # torch's safe loader refused an object that is not on the plugin's allow-list
+        detail = next((l.strip() for l in str(e).splitlines() if "Unsupported global" in l), str(e))
+        raise EvaluationError(f"cannot load {path} with torch's weights-only loader: {detail}")
+    model = models[0]
+    model.float()  # fp16-trained checkpoints: score in float32
+    if use_cuda:
+        model.cuda()
+    return model, task
+
+
+def cmd_calibration(args):
+    if not os.path.isfile(args.path):
+        raise EvaluationError(f"checkpoint not found: {args.path}")
+    if not os.path.isdir(args.data_bin):
+        raise EvaluationError(f"data-bin directory not found: {args.data_bin}")
+    if args.bins < 1:
+        raise EvaluationError("--bins must be >= 1")
+    import torch
+
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    device = "cuda" if use_cuda else "cpu"
+    max_tokens = args.max_tokens
+    if max_tokens is None and args.batch_size is None:
+        max_tokens = 4096
+    model, task = load_model(args.path, args.data_bin, use_cuda)
+    try:
+        task.load_dataset(args.subset, combine=False, epoch=1)
+    except FileNotFoundError as e:
+        raise EvaluationError(f"cannot load subset {args.subset!r} from {args.data_bin}: {e}")
+    confidence, correct, nll_sum, n_sent = collect_token_statistics(
+        model, task, args.subset, max_tokens=max_tokens, batch_size=args.batch_size,
+        device=device, skip_invalid_size_inputs=args.skip_invalid_size_inputs)
+    result = calibration_metrics(confidence, correct, nll_sum=nll_sum, n_bins=args.bins)
+    result = {"checkpoint": str(args.path), "data_bin": str(args.data_bin), "subset": args.subset,
+              "device": device, "num_sentences": n_sent, **result}
+
+    print(f"subset {args.subset}: {n_sent} sentences, {result['num_tokens']} target tokens "
+          f"(teacher forcing, incl. EOS), device {device}")
+    print(f"ECE       {100 * result['ece']:.2f}%  ({args.bins} equal-width bins)")
+    print(f"accuracy  {100 * result['accuracy']:.2f}%  (mean confidence {100 * result['mean_confidence']:.2f}%)")
+    print(f"NLL       {result['nll']:.4f} nats/token  (ppl {result['ppl']:.2f})")
+    print(f"AURC      {1000 * result['aurc']:.2f}  (x1000)")
+    print(f"E-AURC    {1000 * result['eaurc']:.2f}  (x1000; optimal AURC {1000 * result['optimal_aurc']:.2f})")
+    if args.png:
+        plot_reliability(result["reliability"], args.png, title=args.title or Path(args.path).name,
+                         ece=result["ece"])
+        print(f"reliability diagram: {args.png}")
+    if args.json:
+        _write_json(args.json, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# average: checkpoint averaging (fairseq's scripts/average_checkpoints.py is not in the wheel)
+# --------------------------------------------------------------------------------------
+
+def last_n_checkpoints(directory, n, update_based=False, upper_bound=None):
+    """Paths of the newest ``n`` ``checkpoint<epoch>.pt`` (or ``checkpoint_<epoch>_<update>.pt``)
+    files in ``directory``, newest first, optionally only those with epoch/update <= upper_bound."""
+    pattern = re.compile(r"checkpoint_\d+_(\d+)\.pt" if update_based else r"checkpoint(\d+)\.pt")
+    entries = []
+    for name in os.listdir(directory):
+        m = pattern.fullmatch(name)
+        if m and (upper_bound is None or int(m.group(1)) <= upper_bound):
+            entries.append((int(m.group(1)), name))
+    if len(entries) < n:
+        kind = "update" if update_based else "epoch"
+        raise EvaluationError(f"found {len(entries)} {kind} checkpoints in {directory}, need {n}")
+    return [os.path.join(directory, name) for _, name in sorted(entries, reverse=True)[:n]]
+
+
+def average_checkpoints(paths):
+    """Average the ``model`` parameters of ``paths``; everything else (cfg, extra_state,
+    optimizer history) comes from ``paths[0]`` (the newest, as fairseq's script does).
+
+    Floating-point tensors are summed in at least float32 and cast back to the first
+    checkpoint's dtype, so fp16 checkpoints do not lose precision while summing; integer
+    buffers are floor-divided as in fairseq.
+    """
+    import torch
+    import fairseq_pskd  # noqa: F401  (allow-list so torch>=2.6 loads fairseq checkpoints)
+
+    if not paths:
+        raise EvaluationError("no checkpoints to average")
+    new_state, sums, dtypes, keys = None, {}, {}, None
+    for path in paths:
+        if not os.path.isfile(path):
+            raise EvaluationError(f"checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu")
+        if "model" not in state:
+            raise EvaluationError(f"{path} has no 'model' entry; not a fairseq checkpoint")
+        params = state["model"]
+        if keys is None:
+            new_state, keys = state, list(params.keys())
+        elif list(params.keys()) != keys:
+            raise EvaluationError(f"{path} has different parameters than {paths[0]}")
+        for k in keys:
+            p = params[k]
+            if k not in sums:
+                dtypes[k] = p.dtype
+                # clone: shared parameters (tied embeddings) must not be summed in place twice
+                sums[k] = p.to(torch.promote_types(p.dtype, torch.float32)).clone() \
+                    if p.is_floating_point() else p.clone()
+            else:
+                sums[k] += p.to(sums[k].dtype)
+    averaged = {}
+    for k in keys:
+        v = sums[k]
+        if v.is_floating_point():
+            averaged[k] = (v / len(paths)).to(dtypes[k])
+        else:
+            averaged[k] = v // len(paths)
+    from collections import OrderedDict
+    new_state["model"] = OrderedDict(averaged)
+    return new_state
+
+
+def cmd_average(args):
+    import torch
+
+    if args.num_epoch_checkpoints is not None and args.num_update_checkpoints is not None:
+        raise EvaluationError("use --num-epoch-checkpoints or --num-update-checkpoints, not both")
+    n = args.num_epoch_checkpoints or args.num_update_checkpoints
+    if n is not None:
+        if n < 1:
+            raise EvaluationError("the number of checkpoints must be >= 1")
+        if len(args.inputs) != 1 or not os.path.isdir(args.inputs[0]):
+            raise EvaluationError("with --num-*-checkpoints, --inputs must be one checkpoint directory")
+        paths = last_n_checkpoints(args.inputs[0], n, update_based=args.num_update_checkpoints is not None,
+                                   upper_bound=args.checkpoint_upper_bound)
+    else:
+        paths = list(args.inputs)
+        if any(os.path.isdir(p) for p in paths):
+            raise EvaluationError("--inputs is a directory: also pass --num-epoch-checkpoints N")
+    print("averaging:\n  " + "\n  ".join(paths))
+    state = average_checkpoints(paths)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{args.output}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, args.output)  # never leave a half-written checkpoint behind
+    print(f"wrote {args.output}")
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------
+
+def _write_json(path, obj):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m fairseq_pskd.evaluate",
+        description="Evaluate PS-KD NMT models: BLEU/chrF, token-level calibration, checkpoint averaging.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("score", help="sacreBLEU BLEU and chrF of fairseq-generate output",
+                       description="Corpus BLEU and chrF (sacrebleu) of fairseq-generate output or plain "
+                                   "hypotheses against a detokenised reference.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--generate-output", metavar="GEN.txt",
+                     help="fairseq-generate output; H-<id> lines are sorted by id")
+    src.add_argument("--hyp", metavar="FILE", help="plain hypotheses, one per line, already detokenised")
+    p.add_argument("--ref", required=True, metavar="REF", help="detokenised reference, e.g. OUT/ref/test.de")
+    det = p.add_mutually_exclusive_group()
+    det.add_argument("--detok-lang", metavar="LANG",
+                     help="Moses-detokenise hypotheses for LANG (default with --generate-output: "
+                          "the reference file's extension)")
+    det.add_argument("--no-detok", action="store_true", help="score hypotheses as they are")
+    p.add_argument("--tokenize", default=None, help="sacrebleu BLEU tokenizer (default: 13a)")
+    p.add_argument("--detok-output", metavar="FILE", help="also write the scored hypotheses here")
+    p.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("calibration", help="token-level ECE / NLL / AURC with teacher forcing",
+                       description="Teacher-forced token-level calibration of a fairseq checkpoint.")
+    p.add_argument("--data-bin", required=True, metavar="DIR", help="fairseq binarised data directory")
+    p.add_argument("--path", required=True, metavar="CKPT", help="checkpoint file")
+    p.add_argument("--subset", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--bins", type=int, default=DEFAULT_BINS,
+                   help=f"number of equal-width confidence bins for ECE (default: {DEFAULT_BINS})")
+    p.add_argument("--batch-size", type=int, default=None, help="max sentences per batch")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="max tokens per batch (default 4096 when --batch-size is not given)")
+    p.add_argument("--skip-invalid-size-inputs", action="store_true",
+                   help="skip sentences longer than the model allows instead of failing")
+    p.add_argument("--png", metavar="FILE", help="write a reliability diagram here")
+    p.add_argument("--title", help="title of the reliability diagram (default: checkpoint name)")
+    p.add_argument("--json", metavar="OUT.json", help="write the metrics as JSON")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available")
+    p.set_defaults(func=cmd_calibration)
+
+    p = sub.add_parser("average", help="average the last N checkpoints",
+                       description="Average model parameters of several checkpoints (like fairseq's "
+                                   "scripts/average_checkpoints.py); the rest comes from the newest.")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
+                   help="checkpoint files, or one directory with --num-epoch-checkpoints")
+    p.add_argument("--output", required=True, metavar="OUT.pt", help="averaged checkpoint to write")
+    num = p.add_mutually_exclusive_group()
+    num.add_argument("--num-epoch-checkpoints", type=int, metavar="N",
+                     help="average the last N checkpoint<epoch>.pt in the --inputs directory")
+    num.add_argument("--num-update-checkpoints", type=int, metavar="N",
+                     help="average the last N checkpoint_<epoch>_<update>.pt in the --inputs directory")
+    p.add_argument("--checkpoint-upper-bound", type=int, metavar="K",
+                   help="ignore checkpoints of epochs (updates) above K")
+    p.set_defaults(func=cmd_average)
+    return parser
+
+
+def setup_logging():
+    """fairseq's text_to_speech task sets the root logger to DEBUG when fairseq is imported
+    (matplotlib then logs every font lookup); use fairseq_cli's format at INFO instead."""
+    import logging
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", level=logging.INFO, stream=sys.stderr, force=True)
+
+
+def main(argv=None):
+    """Run one command; returns the exit status (2 on errors). ``argv`` may hold paths."""
+    args = build_parser().parse_args(None if argv is None else [str(a) for a in argv])
+    try:
+        args.func(args)
+    except EvaluationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as e:  # unreadable/unwritable files: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    setup_logging()  # only as a program: library callers (and pytest) keep their logging
+    sys.exit(main())
