@@ -1,0 +1,173 @@
+"""Training throughput and peak memory: label_smoothed_cross_entropy vs PS-KD, side by side.
+
+    python benchmarks/throughput.py --data-bin DATA_BIN [--topk 1 8 32] [--rounds 3]
+        [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--json OUT]
+
+Each measurement is a fresh process that builds the same model (same seed) with fairseq's own
+Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the training set
+of DATA_BIN, and reports target words per second and its peak memory (RSS; on GPU also the
+peak allocated CUDA memory). The configurations alternate within each round (baseline, pskd
+k=..., baseline, ...) so that a noisy machine slows them alike, and the ratios are computed
+from the per-round medians. PS-KD is measured in epoch 2, where it reads priors and writes
+new ones (the store is new, so every read finds no prior; the work done is the same).
+
+Default model: the quickstart's small Transformer (scripts/quickstart.sh).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIR = str(ROOT / "fairseq_pskd")
+SMALL_TRANSFORMER = [
+    "--arch", "transformer", "--share-all-embeddings", "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512",
+    "--decoder-ffn-embed-dim", "512", "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--dropout", "0.3", "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "1e-3",
+    "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "400", "--max-tokens", "4096",
+    "--label-smoothing", "0.1", "--seed", "1", "--max-epoch", "10", "--num-workers", "0",
+]
+
+
+def worker(args):
+    """Build model + trainer in this process, time train steps, print one JSON line."""
+    import torch
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    import fairseq_pskd  # noqa: F401
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as save_dir:
+        crit = (["--criterion", "label_smoothed_cross_entropy"] if args.topk == 0 else
+                ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(args.topk)])
+        device = ["--fp16"] if args.fp16 else (["--cpu"] if args.cpu else [])
+        parser = options.get_training_parser()
+        targs = options.parse_args_and_arch(parser, [
+            args.data_bin, "--user-dir", USER_DIR, "--save-dir", save_dir, *SMALL_TRANSFORMER,
+            *crit, *device, *args.extra])
+        cfg = convert_namespace_to_omegaconf(targs)
+        torch.manual_seed(1)
+        task = tasks.setup_task(cfg.task)
+        task.load_dataset("train")
+        model = task.build_model(cfg.model)
+        criterion = task.build_criterion(cfg.criterion)
+        trainer = Trainer(cfg, task, model, criterion)
+        itr = trainer.get_train_iterator(epoch=2, load_dataset=False).next_epoch_itr(shuffle=True)
+        trainer.begin_epoch(2)  # PS-KD reads epoch-1 priors and writes epoch-2 ones
+        batches = iter(itr)
+        cuda = torch.cuda.is_available() and not args.cpu
+
+        def step():
+            sample = next(batches)
+            trainer.train_step([sample])
+            return int(sample["ntokens"]) if "ntokens" in sample else 0
+
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        tokens, t0 = 0, time.perf_counter()
+        for _ in range(args.steps):
+            tokens += step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if hasattr(criterion, "flush"):
+            criterion.flush()
+        out = {"topk": args.topk, "tokens": tokens, "seconds": seconds, "wps": tokens / seconds,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if cuda:
+            out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def measure(args, topk):
+    cmd = [sys.executable, __file__, "--_worker", "--data-bin", args.data_bin, "--topk-one", str(topk),
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--fp16"] if args.fp16 else []
+    cmd += ["--cpu"] if args.cpu else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--", *args.extra] if args.extra else []
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"benchmark worker failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-bin", required=True, help="fairseq data-bin (e.g. the quickstart's Multi30k)")
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 8, 32], help="PS-KD k values")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=40, help="timed updates per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed updates first")
+    p.add_argument("--fp16", action="store_true", help="GPU with --fp16")
+    p.add_argument("--cpu", action="store_true", help="force the CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--json", help="write all measurements and ratios here")
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--topk-one", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("extra", nargs="*", help="-- then extra fairseq-train arguments")
+    args = p.parse_args()
+    if args._worker:
+        args.topk = args.topk_one
+        return worker(args)
+
+    configs = [0, *args.topk]  # 0 = baseline
+    runs = {k: [] for k in configs}
+    for r in range(args.rounds):
+        order = configs if r % 2 == 0 else configs[::-1]  # alternate the order too
+        for k in order:
+            res = measure(args, k)
+            runs[k].append(res)
+            name = "baseline" if k == 0 else f"pskd k={k}"
+            print(f"round {r + 1}/{args.rounds} {name:<12} {res['wps']:8.0f} wps  "
+                  f"peak RSS {res['peak_rss_mb']:.0f} MB"
+                  + (f"  peak CUDA {res['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in res else ""),
+                  flush=True)
+
+    def med(k, key):
+        return statistics.median(x[key] for x in runs[k])
+
+    # ratio per round (configs measured next to each other), then the median over rounds
+    summary = []
+    for k in configs:
+        row = {"config": "baseline" if k == 0 else f"pskd k={k}", "topk": k,
+               "wps": med(k, "wps"), "peak_rss_mb": med(k, "peak_rss_mb")}
+        if k:
+            row["ratio_wps"] = statistics.median(a["wps"] / b["wps"] for a, b in zip(runs[k], runs[0]))
+            row["ratio_rss"] = statistics.median(a["peak_rss_mb"] / b["peak_rss_mb"]
+                                                 for a, b in zip(runs[k], runs[0]))
+        if "peak_cuda_mb" in runs[k][0]:
+            row["peak_cuda_mb"] = med(k, "peak_cuda_mb")
+            if k:
+                row["ratio_cuda_mem"] = statistics.median(
+                    a["peak_cuda_mb"] / b["peak_cuda_mb"] for a, b in zip(runs[k], runs[0]))
+        summary.append(row)
+    print()
+    print(f"{'config':<12} {'wps':>8} {'ratio X':>8} {'peak RSS MB':>12} {'RSS ratio':>10}")
+    for row in summary:
+        print(f"{row['config']:<12} {row['wps']:8.0f} {row.get('ratio_wps', 1.0):8.3f} "
+              f"{row['peak_rss_mb']:12.0f} {row.get('ratio_rss', 1.0):10.3f}"
+              + (f"  peak CUDA {row['peak_cuda_mb']:.0f} MB (ratio {row.get('ratio_cuda_mem', 1.0):.3f})"
+                 if "peak_cuda_mb" in row else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "summary": summary, "args": vars(args)},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""One experiment, end to end: train, (average), generate, score, calibrate; and the table.
+
+    python -m fairseq_pskd.experiment run --prepared DATA --out RUN_DIR [--average-last N]
+        [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
+    python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown]
+
+``DATA`` is what scripts/prepare-*.sh wrote (data-bin/, ref/, prepare.json). Every recipe
+(the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
+decoded and scored by the same code. Steps are idempotent: fairseq-train resumes from
+checkpoint_last.pt (and returns at once when training is complete); the later steps are
+skipped when their output exists and is newer than the checkpoint they read.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+
+USER_DIR = str(Path(__file__).resolve().parent)
+
+
+class ExperimentError(Exception):
+    """A user-facing error: printed as ``error: <message>``, exit status 2."""
+
+
+def log(msg):
+    print(f"[experiment] {msg}", flush=True)
+
+
+def hardware():
+    """A short description of where this ran (CPU model and cores, GPU if any)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{os.cpu_count()} x {cpu}"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            desc = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}; {desc}"
+    except ImportError:  # pragma: no cover
+        pass
+    return desc
+
+
+def _run(cmd, log_path, env=None):
+    """Run a command, teeing its output to log_path; raise with the log's tail on failure."""
+    log(f"$ {' '.join(shlex.quote(str(c)) for c in cmd)}")
+    with open(log_path, "a") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            if "| train |" in line or "| valid |" in line or "error" in line.lower():
+                sys.stdout.write("    " + line.split("| INFO | ", 1)[-1])
+                sys.stdout.flush()
+        proc.wait()
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-25:])
+        raise ExperimentError(f"{Path(str(cmd[0])).name} {cmd[1] if len(cmd) > 1 else ''} failed "
+                              f"(exit {proc.returncode}); last lines of {log_path}:\n{tail}")
+
+
+def _fresh(output: Path, *inputs: Path) -> bool:
+    return output.exists() and all(output.stat().st_mtime >= i.stat().st_mtime for i in inputs)
+
+
+def _read_manifest(prepared: Path):
+    manifest = prepared / "prepare.json"
+    if not manifest.exists():
+        raise ExperimentError(f"{manifest} not found: prepare the data first "
+                              "(scripts/prepare-multi30k.sh or scripts/prepare-iwslt15.sh)")
+    return json.loads(manifest.read_text())
+
+
+def _max_epoch_of(train_args):
+    for i, a in enumerate(train_args):
+        if a == "--max-epoch" and i + 1 < len(train_args):
+            return int(train_args[i + 1])
+        if a.startswith("--max-epoch="):
+            return int(a.split("=", 1)[1])
+    return None
+
+
+def run(args):
+    prepared, out = Path(args.prepared).resolve(), Path(args.out).resolve()
+    manifest = _read_manifest(prepared)
+    src, tgt = args.src or manifest["src"], args.tgt or manifest["tgt"]
+    data_bin = prepared / manifest.get("data_bin", "data-bin")
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    train_args = list(args.train_args)
+    if train_args and train_args[0] == "--":
+        train_args = train_args[1:]
+    if not train_args:
+        raise ExperimentError("no fairseq-train arguments given (put them after --)")
+    t0 = time.time()
+
+    # 1. train (fairseq resumes from checkpoint_last.pt; a finished run returns at once)
+    train_cmd = [py, "-m", "fairseq_cli.train", data_bin, "--user-dir", USER_DIR,
+                 "--source-lang", src, "--target-lang", tgt, "--save-dir", ckpt_dir,
+                 "--no-progress-bar", "--log-format", "simple", *train_args]
+    _run(train_cmd, out / "train.log", env)
+    train_seconds = time.time() - t0
+    last = ckpt_dir / "checkpoint_last.pt"
+    if not last.exists():
+        raise ExperimentError(f"training wrote no {last}")
+
+    # 2. checkpoint to evaluate: the last one, or the average of the last N epochs
+    ckpt = last
+    if args.average_last > 1:
+        ckpt = ckpt_dir / f"average_last{args.average_last}.pt"
+        if not _fresh(ckpt, last):
+            _run([py, "-m", "fairseq_pskd.evaluate", "average", "--inputs", ckpt_dir,
+                  "--num-epoch-checkpoints", args.average_last, "--output", ckpt],
+                 out / "eval.log", env)
+
+    results = {
+        "name": args.name or out.name, "corpus": manifest.get("corpus"), "src": src, "tgt": tgt,
+        "checkpoint": str(ckpt), "average_last": args.average_last,
+        "beam": args.beam, "lenpen": args.lenpen, "max_epoch": _max_epoch_of(train_args),
+        "train_args": train_args, "train_command": " ".join(map(shlex.quote, map(str, train_cmd))),
+        "hardware": hardware(), "fairseq_pskd": __version__, "tests": {},
+    }
+    device = ["--cpu"] if args.cpu else []
+    for subset in args.test_subsets.split(","):
+        ref = prepared / "ref" / f"{subset}.{tgt}"
+        if not ref.exists():
+            raise ExperimentError(f"reference {ref} not found")
+        # 3. beam search; --post-process sentencepiece gives Moses-tokenised text
+        gen = out / f"generate.{subset}.txt"
+        if not _fresh(gen, ckpt):
+            tmp = gen.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                log(f"generating {subset} (beam {args.beam})")
+                proc = subprocess.run(
+                    [py, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", USER_DIR,
+                     "--source-lang", src, "--target-lang", tgt, "--path", str(ckpt),
+                     "--gen-subset", subset, "--beam", str(args.beam), "--lenpen", str(args.lenpen),
+                     "--batch-size", str(args.batch_size), "--post-process", "sentencepiece",
+                     *device], stdout=f, stderr=subprocess.PIPE, text=True, env=env)
+            if proc.returncode != 0:
+                raise ExperimentError(f"fairseq-generate failed:\n{proc.stderr[-3000:]}")
+            os.replace(tmp, gen)
+        # 4. detokenised sacrebleu BLEU / chrF against the raw reference
+        score = out / f"score.{subset}.json"
+        if not _fresh(score, gen):
+            _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
+                  "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
+                 out / "eval.log", env)
+        # 5. teacher-forced calibration: ECE, NLL, AURC, reliability diagram
+        calib = out / f"calibration.{subset}.json"
+        if not _fresh(calib, ckpt):
+            _run([py, "-m", "fairseq_pskd.evaluate", "calibration", "--data-bin", data_bin,
+                  "--path", ckpt, "--subset", subset, "--bins", args.bins,
+                  "--png", out / f"reliability.{subset}.png", "--title", f"{results['name']} ({subset})",
+                  "--json", calib, *device], out / "eval.log", env)
+        s, c = json.loads(score.read_text()), json.loads(calib.read_text())
+        results["tests"][subset] = {
+            "bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
+            "chrf_signature": s["chrf_signature"], "ece": c["ece"], "nll": c["nll"],
+            "aurc": c["aurc"], "eaurc": c.get("eaurc"), "accuracy": c.get("accuracy"),
+            "bins": args.bins, "sentences": s["n"],
+        }
+    previous = out / "results.json"
+    if previous.exists():  # keep the wall time of the run that actually trained
+        old = json.loads(previous.read_text())
+        train_seconds = max(train_seconds, old.get("train_seconds", 0))
+    results["train_seconds"] = round(train_seconds, 1)
+    results["total_seconds"] = round(time.time() - t0, 1)
+    tmp = previous.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, previous)
+    log(f"results: {previous}")
+    print(format_table([results]))
+    return 0
+
+
+COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subset}"),
+           ("epochs", "{max_epoch}"), ("BLEU", "{bleu:.2f}"), ("chrF", "{chrf:.2f}"),
+           ("ECE %", "{ece_pct:.2f}"), ("NLL", "{nll:.3f}"), ("AURC x1000", "{aurc_k:.1f}"),
+           ("train min", "{train_min:.1f}")]
+
+
+def _rows(results_list):
+    for r in results_list:
+        for subset, t in r["tests"].items():
+            yield {**r, **t, "subset": subset, "ece_pct": 100 * t["ece"], "aurc_k": 1000 * t["aurc"],
+                   "train_min": r.get("train_seconds", 0) / 60}
+
+
+def format_table(results_list, markdown=False):
+    rows = [[fmt.format(**row) for _, fmt in COLUMNS] for row in _rows(results_list)]
+    head = [h for h, _ in COLUMNS]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*r) for r in rows])
+
+
+def table(args):
+    results = []
+    for path in args.results:
+        p = Path(path)
+        if not p.exists():
+            raise ExperimentError(f"{p} not found: run `python -m fairseq_pskd.experiment run` first")
+        results.append(json.loads(p.read_text()))
+    print(format_table(results, markdown=args.markdown))
+    if len(results) == 2:
+        a, b = results
+        for subset in a["tests"]:
+            if subset in b["tests"]:
+                ta, tb = a["tests"][subset], b["tests"][subset]
+                print(f"\n{b['name']} - {a['name']} on {subset}: BLEU {tb['bleu'] - ta['bleu']:+.2f}, "
+                      f"chrF {tb['chrf'] - ta['chrf']:+.2f}, ECE {100 * (tb['ece'] - ta['ece']):+.2f} pts, "
+                      f"NLL {tb['nll'] - ta['nll']:+.3f}, AURC x1000 {1000 * (tb['aurc'] - ta['aurc']):+.1f}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fairseq_pskd.experiment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train, generate, score and calibrate one model")
+    p.add_argument("--prepared", required=True, help="directory written by scripts/prepare-*.sh")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, results.json)")
+    p.add_argument("--name", help="name of the run in tables (default: the run directory's name)")
+    p.add_argument("--src", help="source language (default: from prepare.json)")
+    p.add_argument("--tgt", help="target language (default: from prepare.json)")
+    p.add_argument("--average-last", type=int, default=1, metavar="N",
+                   help="evaluate the average of the last N epoch checkpoints (default 1: the last)")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--lenpen", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=128, help="sentences per decoding batch")
+    p.add_argument("--bins", type=int, default=10, help="equal-width ECE bins (default 10)")
+    p.add_argument("--test-subsets", default="test", help="comma-separated fairseq split names")
+    p.add_argument("--cpu", action="store_true", help="decode and calibrate on the CPU")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="-- then the fairseq-train arguments (model, optimiser, criterion, epochs)")
+    t = sub.add_parser("table", help="print the results table of finished runs")
+    t.add_argument("results", nargs="+", help="results.json files")
+    t.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return run(args) if args.command == "run" else table(args)
+    except ExperimentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
