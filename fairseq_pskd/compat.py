@@ -18,7 +18,33 @@ import argparse
 # numpy arrays (BLEU n-gram counts), which need numpy's array reconstructor and dtypes.
 # numpy arrays of plain dtypes are data: an object-dtype array pickles its elements as
 # separate globals, which stay refused.
+#
+# Data-parallel resume: rank 0 reads the checkpoint and fairseq's broadcast_object sends it to
+# the other ranks with torch.save/torch.load, by then with ``cfg`` as an omegaconf DictConfig;
+# those ranks need omegaconf's containers and nodes (and the builtins their pickles call).
 FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def _omegaconf_globals():
+    try:
+        import collections
+        import typing
+
+        from omegaconf import DictConfig, ListConfig, nodes
+        from omegaconf.base import ContainerMetadata, Metadata
+    except ImportError:  # pragma: no cover - omegaconf comes with fairseq
+        return []
+    node_types = [getattr(nodes, n) for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode",
+                                               "BooleanNode", "EnumNode", "BytesNode", "PathNode")
+                  if hasattr(nodes, n)]
+    extra = []
+    try:  # broadcast_object replaces tensors by index placeholders (a plain dataclass)
+        from fairseq.distributed.utils import _TensorPlaceholder
+        extra.append(_TensorPlaceholder)
+    except ImportError:  # the plugin also works as a library without fairseq
+        pass
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, *node_types,
+            collections.defaultdict, dict, list, int, typing.Any, *extra]
 
 
 def _numpy_globals():
@@ -37,7 +63,7 @@ def _numpy_globals():
 
 def allowed_globals():
     """The objects the plugin adds to torch's weights-only allow-list."""
-    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals()
+    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals() + _omegaconf_globals()
 
 
 _installed = False

@@ -66,3 +66,24 @@ def test_numpy_metric_state_loads_but_object_arrays_do_not(tmp_path):
     torch.save({"x": np.array([fractions.Fraction(1, 2)], dtype=object)}, bad)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(bad)
+
+
+def test_state_as_broadcast_to_other_ranks_loads(toy_data_bin, tmp_path):
+    """Data-parallel resume: fairseq's broadcast_object re-pickles the loaded checkpoint (cfg
+    now an omegaconf DictConfig) with torch.save and the other ranks torch.load it."""
+    import io
+
+    from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+    from fairseq import checkpoint_utils
+    from omegaconf import DictConfig
+
+    save = tmp_path / "ckpt"
+    run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
+                "--criterion", "label_smoothed_cross_entropy", "--max-epoch", 1, "--save-dir", save)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    assert isinstance(state["cfg"], DictConfig)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    again = torch.load(buf, map_location="cpu")  # weights-only, as fairseq's broadcast does
+    assert again["cfg"].model.encoder_layers == state["cfg"].model.encoder_layers

@@ -1,0 +1,157 @@
+"""PS-KD end to end through fairseq-train on CPU (issue 4): the schedule, the coverage, an
+abrupt kill during epoch 3 and a resume that reproduces the uninterrupted run, and the
+equivalence with label_smoothed_cross_entropy at --pskd-alpha 0."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+
+EPOCH_RE = re.compile(r"\| (train|valid) \| epoch (\d+) \|(.*)")
+
+
+def epoch_stats(log, kind="train"):
+    """{epoch: {metric: value}} from fairseq's simple-format epoch summaries."""
+    out = {}
+    for m in EPOCH_RE.finditer(log):
+        if m.group(1) != kind:
+            continue
+        fields = {}
+        for part in m.group(3).split("|"):
+            bits = part.split()
+            if len(bits) == 2:
+                try:
+                    fields[bits[0]] = float(bits[1])
+                except ValueError:
+                    pass
+        out[int(m.group(2))] = fields
+    return out
+
+
+def pskd_args(data_bin, save_dir, max_epoch=4, *extra):
+    # --update-epoch-batch-itr: stock fairseq otherwise reuses the epoch-1 batch iterator in an
+    # uninterrupted run but builds a new one (other batches) after a resume, so even
+    # label_smoothed_cross_entropy would not reproduce its losses across a resume.
+    return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--update-epoch-batch-itr", "True",
+            "--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4",
+            "--label-smoothing", "0.1", "--max-epoch", max_epoch, "--save-dir", save_dir, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy_data_bin, tmp_path_factory):
+    save = tmp_path_factory.mktemp("pskd_full")
+    proc = run_fairseq("train", *pskd_args(toy_data_bin, save))
+    return save, proc.stdout
+
+
+def test_schedule_and_coverage(uninterrupted):
+    _, log = uninterrupted
+    train = epoch_stats(log)
+    assert sorted(train) == [1, 2, 3, 4]
+    assert [train[e]["pskd_alpha"] for e in (1, 2, 3, 4)] == [0.2, 0.4, 0.6, 0.8]
+    assert train[1]["pskd_coverage"] == 0.0
+    for e in (2, 3, 4):
+        assert train[e]["pskd_coverage"] >= 0.99, train[e]
+        assert 0.0 < train[e]["pskd_topk_mass"] <= 1.001
+    assert "pskd_topk_mass" not in train[1]  # no prior, no mass to report
+    valid = epoch_stats(log, "valid")
+    assert sorted(valid) == [1, 2, 3, 4]
+    assert not any(k.startswith("pskd") for v in valid.values() for k in v)
+    assert "schedule: a_t = a_T * epoch / 4 (--max-epoch)" in log
+
+
+def test_store_inspect_after_training(uninterrupted):
+    save, _ = uninterrupted
+    out = subprocess.run([sys.executable, "-m", "fairseq_pskd.store", "inspect",
+                          str(save / "pskd_store")], stdout=subprocess.PIPE, text=True, check=True)
+    summary = json.loads(out.stdout)
+    assert summary["topk"] == 4 and summary["num_sentences"] == 240
+    by_epoch = {b["epoch"]: b["sentences_written"] for b in summary["buffers"]}
+    assert by_epoch == {3: 240, 4: 240}
+
+
+def test_validation_loss_is_label_smoothed(uninterrupted, toy_data_bin):
+    """The logged valid loss is what label_smoothed_cross_entropy gives on the same checkpoint,
+    so --best-checkpoint-metric loss compares like with like across criteria."""
+    import math
+
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+    import fairseq_pskd  # noqa: F401
+
+    save, log = uninterrupted
+    valid = epoch_stats(log, "valid")
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(save / "checkpoint_last.pt")], arg_overrides={"data": str(toy_data_bin)})
+    task.load_dataset("valid")
+    ls = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    itr = task.get_batch_iterator(dataset=task.dataset("valid"), max_tokens=400).next_epoch_itr(
+        shuffle=False)
+    loss = nll = ntok = 0.0
+    with torch.no_grad():
+        for sample in itr:
+            _, _, out = task.valid_step(sample, models[0], ls)
+            loss += float(out["loss"]); nll += float(out["nll_loss"]); ntok += out["ntokens"]
+    assert abs(loss / ntok / math.log(2) - valid[4]["loss"]) <= 6e-4
+    assert abs(nll / ntok / math.log(2) - valid[4]["nll_loss"]) <= 6e-4
+
+
+def test_kill_during_epoch_3_and_resume_reproduces(uninterrupted, toy_data_bin, tmp_path):
+    _, full_log = uninterrupted
+    full = epoch_stats(full_log)
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, pskd_args(toy_data_bin, save))]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    deadline = time.time() + 300
+    for line in proc.stdout:  # kill -9 at the second logged update of epoch 3
+        seen.append(line)
+        if re.search(r"epoch 003:\s+2 /", line) or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    killed_log = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL, killed_log[-2000:]
+    assert sorted(epoch_stats(killed_log)) == [1, 2], "killed run must die inside epoch 3"
+
+    resumed = run_fairseq("train", *pskd_args(toy_data_bin, save))
+    assert "Loaded checkpoint" in resumed.stdout
+    again = epoch_stats(resumed.stdout)
+    assert sorted(again) == [3, 4]
+    for e in (3, 4):
+        for key in ("loss", "nll_loss", "pskd_alpha", "pskd_coverage", "pskd_topk_mass"):
+            assert again[e][key] == full[e][key], (e, key, again[e], full[e])
+
+
+def test_alpha_zero_is_label_smoothed_cross_entropy(toy_data_bin, tmp_path):
+    common = [toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
+              "--label-smoothing", "0.1", "--max-epoch", 2]
+    ls = run_fairseq("train", *common, "--criterion", "label_smoothed_cross_entropy",
+                     "--save-dir", tmp_path / "ls")
+    pk = run_fairseq("train", *common, "--criterion", "pskd_label_smoothed_cross_entropy",
+                     "--pskd-alpha", 0, "--save-dir", tmp_path / "pk")
+    for kind in ("train", "valid"):
+        a, b = epoch_stats(ls.stdout, kind), epoch_stats(pk.stdout, kind)
+        assert sorted(a) == sorted(b) == [1, 2]
+        for e in a:
+            assert a[e]["loss"] == b[e]["loss"] and a[e]["nll_loss"] == b[e]["nll_loss"], (kind, e)
+
+
+def test_store_from_another_dataset_is_refused(uninterrupted, tmp_path):
+    """Pointing a run at a store built for another corpus fails before training, and says what to do."""
+    from conftest import binarize, make_toy_corpus
+    save, _ = uninterrupted
+    other = binarize(make_toy_corpus(tmp_path / "raw", n_train=100, seed=5), tmp_path / "bin")
+    proc = run_fairseq("train", *pskd_args(other, tmp_path / "ckpt", 1, "--pskd-store-dir",
+                                           save / "pskd_store"), check=False)
+    assert proc.returncode != 0
+    assert "another dataset" in proc.stdout or "fingerprint" in proc.stdout, proc.stdout[-3000:]

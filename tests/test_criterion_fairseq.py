@@ -1,0 +1,185 @@
+"""The criterion inside a real fairseq task and model, in process: what it stores, what it reads,
+what it trains against, and that validation never touches the store."""
+import pytest
+import torch
+
+import fairseq_pskd  # noqa: F401  (registers the criterion)
+from conftest import TINY_ARCH, USER_DIR
+from fairseq import options, tasks
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+
+class BackwardOnly:
+    """The part of a fairseq optimizer that task.train_step uses."""
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def build(data_bin, save_dir, *extra):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data_bin), "--user-dir", USER_DIR, *TINY_ARCH, "--dropout", "0", "--cpu",
+        "--save-dir", str(save_dir), "--max-epoch", "4", "--max-tokens", "400", "--seed", "1",
+        "--criterion", "pskd", *map(str, extra)])
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(1)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    task.load_dataset("valid")
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return task, model, criterion
+
+
+def batches(task, split="train", epoch=1):
+    itr = task.get_batch_iterator(dataset=task.dataset(split), max_tokens=400, seed=1,
+                                  epoch=epoch).next_epoch_itr(shuffle=False)
+    return list(itr)
+
+
+def dense_loss(lprobs, target, alpha, eps, idx, probs, has, pad, remainder="uniform"):
+    """Dense reference: -sum_v q_v log p_v over the whole vocabulary, per non-pad token."""
+    n, vocab = lprobs.shape
+    y = torch.full((n, vocab), eps / (vocab - 1)).scatter_(1, target.unsqueeze(1), 1.0 - eps)
+    prior = torch.zeros(n, vocab)
+    if remainder == "uniform":
+        prior += ((1 - probs.sum(-1)).clamp_min(0) / (vocab - idx.size(1))).unsqueeze(1)
+        prior.scatter_(1, idx, probs)
+    else:
+        prior.scatter_(1, idx, probs / probs.sum(-1, keepdim=True))
+    a = alpha * has.float().unsqueeze(1)
+    q = (1 - a) * y + a * prior
+    return (-(q * lprobs).sum(-1)).masked_fill(target.eq(pad), 0).sum()
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_priors_written_read_and_trained_against(toy_data_bin, tmp_path, prefix):
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8", "--pskd-topk", "4",
+                              "--label-smoothing", "0.1", "--ignore-prefix-size", prefix)
+    opt = BackwardOnly()
+    pad = task.target_dictionary.pad()
+    model.train()
+
+    task.begin_epoch(1, model)
+    first = batches(task)
+    expected = {}  # sentence id -> (top-4 indices, probs) the model gave in epoch 1
+    for i, sample in enumerate(first):
+        _, _, log = task.train_step(sample, model, crit, opt, update_num=i)
+        assert log["pskd_covered"] == 0  # epoch 1 has no prior
+        with torch.no_grad():
+            lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+        top_lp, top_idx = lp.topk(4, -1)
+        for row, sid in enumerate(sample["id"].tolist()):
+            n = int(sample["target"][row].ne(pad).sum())
+            expected[sid] = (top_idx[row, :n], top_lp[row, :n].exp())
+        model.zero_grad()
+
+    task.begin_epoch(2, model)
+    assert crit.alpha() == pytest.approx(0.8 * 2 / 4)
+    sample = batches(task)[0]
+    ids = sample["id"]
+    lengths = sample["target"].ne(pad).sum(1)
+    idx, probs, has = crit.store.read(2, ids, lengths, max_len=sample["target"].size(1))
+    assert has.all()
+    for row, sid in enumerate(ids.tolist()):
+        n = int(lengths[row])
+        # no dropout, no update in between: the stored prior is the model's own top-k (fp16)
+        torch.testing.assert_close(idx[row, :n], expected[sid][0].long())
+        torch.testing.assert_close(probs[row, :n], expected[sid][1].half().float(), rtol=0, atol=1e-3)
+        assert torch.all(probs[row, n:] == 0)
+
+    loss, _, log = task.train_step(sample, model, crit, opt, update_num=len(first))
+    with torch.no_grad():
+        lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True).float()
+    tgt = sample["target"][:, prefix:]
+    lp = lp[:, prefix:]
+    ref = dense_loss(lp.reshape(-1, lp.size(-1)), tgt.reshape(-1), 0.4, 0.1,
+                     idx[:, prefix:].reshape(-1, 4), probs[:, prefix:].reshape(-1, 4),
+                     has.unsqueeze(1).expand_as(tgt).reshape(-1), pad)
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-4)
+    n_tok = int(tgt.ne(pad).sum())
+    assert int(log["pskd_covered"]) == n_tok == int(log["pskd_ntokens"])
+    crit.close()
+
+
+def test_validation_never_touches_the_store(toy_data_bin, tmp_path):
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8", "--label-smoothing", "0.1")
+    task.begin_epoch(2, model)  # an epoch whose prior read would be live
+    calls = []
+    real_read, real_write = crit.store.read, crit.store.write
+    crit.store.read = lambda *a, **k: calls.append("read") or real_read(*a, **k)
+    crit.store.write = lambda *a, **k: calls.append("write") or real_write(*a, **k)
+    pad = task.target_dictionary.pad()
+    for sample in batches(task, "valid"):
+        loss, _, log = task.valid_step(sample, model, crit)
+        with torch.no_grad():
+            lp = model.get_normalized_probs(model(**sample["net_input"]), log_probs=True)
+        ref, ref_nll = label_smoothed_nll_loss(lp.view(-1, lp.size(-1)), sample["target"].view(-1),
+                                               0.1, ignore_index=pad)
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(log["nll_loss"], ref_nll)
+        assert not any(k.startswith("pskd_") for k in log)
+    # a training-mode forward outside train_step (e.g. a user's eval in train mode) does not either
+    model.train()
+    with torch.no_grad():
+        crit(model, batches(task, "valid")[0])
+    assert calls == []
+    crit.close()
+
+
+def test_dummy_batch_neither_reads_nor_writes(toy_data_bin, tmp_path):
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8")
+    task.begin_epoch(1, model)
+    sample = batches(task)[0]
+    task.train_step(sample, model, crit, BackwardOnly(), update_num=0, ignore_grad=True)
+    crit.flush()
+    summary = crit.store.summary()
+    assert all(b["sentences_written"] == 0 for b in summary["buffers"]), summary
+    task.train_step(sample, model, crit, BackwardOnly(), update_num=0)
+    crit.flush()
+    written = crit.store.summary()["buffers"][1]["sentences_written"]
+    assert written == sample["id"].numel()
+    crit.close()
+
+
+def test_update_schedule_when_no_max_epoch(toy_data_bin, tmp_path):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(toy_data_bin), "--user-dir", USER_DIR, *TINY_ARCH, "--cpu", "--save-dir", str(tmp_path),
+        "--max-update", "10", "--criterion", "pskd", "--pskd-alpha", "0.5"])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    crit = task.build_criterion(cfg.criterion)
+    assert crit.schedule == "update"
+    assert crit.alpha(update_num=4) == pytest.approx(0.5 * 5 / 10)
+    assert crit.alpha(update_num=9) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--pskd-alpha", "1.5"], "--pskd-alpha must be in"),
+    (["--pskd-topk", "0"], "--pskd-topk must be"),
+    (["--pskd-topk", "100000"], "exceeds the target vocabulary"),
+])
+def test_bad_options_are_refused(toy_data_bin, tmp_path, bad, message):
+    with pytest.raises(ValueError, match=message):
+        build(toy_data_bin, tmp_path, *bad)
+
+
+def test_new_run_forgets_priors_left_in_a_reused_store_dir(toy_data_bin, tmp_path):
+    """A fresh run (epoch 1) in a directory that holds an earlier run's store must not read
+    that run's epoch-1 priors in its epoch 2."""
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8")
+    task.begin_epoch(1, model)
+    sample = batches(task)[0]
+    task.train_step(sample, model, crit, BackwardOnly(), update_num=0)
+    crit.close()  # the earlier run wrote epoch-1 priors for one batch
+
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8")  # same store dir
+    task.begin_epoch(1, model)  # a new run: trains nothing in epoch 1 here
+    task.begin_epoch(2, model)
+    pad = task.target_dictionary.pad()
+    _, _, has = crit.store.read(2, sample["id"], sample["target"].ne(pad).sum(1))
+    assert not has.any()
+    crit.close()

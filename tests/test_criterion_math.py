@@ -1,0 +1,164 @@
+"""The PS-KD loss against a dense reference written here in plain torch (full vocabulary)."""
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from fairseq_pskd.criterion import pskd_loss
+
+PAD = 1
+
+
+def dense_reference(logits, target, alpha, eps, prior_dense, prior_mask, pad=PAD):
+    """-sum_v q_v log p_v with q = (1 - a) y_ls + a prior, written out over the whole vocabulary."""
+    lprobs = torch.log_softmax(logits.float(), -1)
+    n, vocab = lprobs.shape
+    y = torch.full((n, vocab), eps / (vocab - 1))
+    y.scatter_(1, target.unsqueeze(1), 1.0 - eps)
+    a = alpha * prior_mask.float().unsqueeze(1)
+    q = (1 - a) * y + a * prior_dense
+    per_token = -(q * lprobs).sum(-1)
+    return per_token.masked_fill(target.eq(pad), 0.0).sum()
+
+
+def densify(idx, probs, vocab, remainder):
+    """The dense distribution a stored top-k stands for, in either remainder mode."""
+    n, k = idx.shape
+    dense = torch.zeros(n, vocab)
+    if remainder == "uniform" and vocab > k:
+        rest = (1 - probs.sum(-1)).clamp_min(0) / (vocab - k)
+        dense += rest.unsqueeze(1)
+        dense.scatter_(1, idx, probs)
+    else:
+        dense.scatter_(1, idx, probs / probs.sum(-1, keepdim=True))
+    return dense
+
+
+def make_case(n=37, vocab=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * 2
+    target = torch.randint(2, vocab, (n,), generator=g)
+    target[[3, 7, 20]] = PAD  # padding positions
+    teacher = torch.softmax(torch.randn(n, vocab, generator=g) * 3, -1)
+    mask = torch.rand(n, generator=g) > 0.25  # some tokens have no prior
+    return logits, target, teacher, mask
+
+
+def run_pskd(logits, target, alpha, eps, idx, probs, mask, remainder):
+    x = logits.clone().requires_grad_(True)
+    loss, nll, _ = pskd_loss(torch.log_softmax(x, -1), target, alpha, eps, idx, probs, mask,
+                             remainder, ignore_index=PAD)
+    loss.backward()
+    return loss.detach(), nll.detach(), x.grad
+
+
+def run_dense(logits, target, alpha, eps, dense, mask):
+    x = logits.clone().requires_grad_(True)
+    loss = dense_reference(x, target, alpha, eps, dense, mask)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("alpha", [0.3, 0.8, 1.0])
+def test_full_k_matches_dense_reference(remainder, eps, alpha):
+    logits, target, teacher, mask = make_case()
+    vocab = logits.size(1)
+    probs, idx = teacher.topk(vocab, -1)  # k = V: the stored prior is the whole distribution
+    loss, _, grad = run_pskd(logits, target, alpha, eps, idx, probs, mask, remainder)
+    ref_loss, ref_grad = run_dense(logits, target, alpha, eps, teacher, mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_small_k_is_exact_for_the_distribution_it_stands_for(remainder, k):
+    """With k < V the loss is exactly the dense loss of the densified top-k (no hidden approximation)."""
+    logits, target, teacher, mask = make_case()
+    probs, idx = teacher.topk(k, -1)
+    loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, remainder)
+    dense = densify(idx, probs, logits.size(1), remainder)
+    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1, dense, mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
+def test_small_k_error_bound_uniform(k):
+    """Documented bound (README): per token, |L_k - L_full| <= a * r * (max - min of -log p over
+    the tokens outside the top-k), r the mass outside the top-k; it vanishes as k -> V."""
+    logits, target, teacher, mask = make_case(seed=3)
+    mask[:] = True
+    target[:] = torch.clamp(target, min=2)
+    alpha = 0.8
+    lprobs = torch.log_softmax(logits, -1)
+    probs, idx = teacher.topk(k, -1)
+    approx, _, _ = pskd_loss(lprobs, target, alpha, 0.0, idx, probs, mask, "uniform", reduce=False)
+    full = torch.stack([dense_reference(logits[i:i + 1], target[i:i + 1], alpha, 0.0,
+                                        teacher[i:i + 1], mask[i:i + 1]) for i in range(len(target))])
+    outside = torch.ones_like(lprobs, dtype=torch.bool).scatter_(1, idx, False)
+    neg_lp = -lprobs
+    spread = (neg_lp.masked_fill(~outside, -1e9).max(-1).values
+              - neg_lp.masked_fill(~outside, 1e9).min(-1).values)
+    bound = alpha * (1 - probs.sum(-1)) * spread
+    assert torch.all((approx - full).abs() <= bound + 1e-5)
+
+
+def test_alpha_zero_equals_label_smoothed_cross_entropy():
+    logits, target, teacher, mask = make_case()
+    probs, idx = teacher.topk(5, -1)
+    for eps in (0.0, 0.1):
+        loss, nll, grad = run_pskd(logits, target, 0.0, eps, idx, probs, mask, "uniform")
+        x = logits.clone().requires_grad_(True)
+        ref, ref_nll = label_smoothed_nll_loss(torch.log_softmax(x, -1), target, eps, ignore_index=PAD)
+        ref.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(nll, ref_nll.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_no_prior_tokens_get_the_hard_target():
+    logits, target, teacher, _ = make_case()
+    probs, idx = teacher.topk(5, -1)
+    none = torch.zeros(len(target), dtype=torch.bool)
+    loss, _, mass = pskd_loss(torch.log_softmax(logits, -1), target, 0.9, 0.1, idx, probs, none,
+                              "uniform", ignore_index=PAD)
+    ref, _ = label_smoothed_nll_loss(torch.log_softmax(logits, -1), target, 0.1, ignore_index=PAD)
+    torch.testing.assert_close(loss, ref)
+    assert mass.item() == 0.0
+
+
+def test_padding_contributes_nothing():
+    logits, target, teacher, mask = make_case()
+    probs, idx = teacher.topk(4, -1)
+    lprobs = torch.log_softmax(logits, -1)
+    full, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, "uniform", ignore_index=PAD)
+    keep = target.ne(PAD)
+    only, _, _ = pskd_loss(lprobs[keep], target[keep], 0.8, 0.1, idx[keep], probs[keep], mask[keep],
+                           "uniform", ignore_index=PAD)
+    torch.testing.assert_close(full, only)
+    per_tok, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, "uniform",
+                              ignore_index=PAD, reduce=False)
+    assert torch.all(per_tok[~keep] == 0)
+
+
+@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+def test_float16_priors_and_zero_probabilities_stay_finite(remainder):
+    """fp16 priors (exact zeros from underflow, rounded sums above 1) against a near-impossible
+    token (log-prob -1e4, what a float16 logit at its limit gives): no NaN or inf."""
+    n, vocab = 6, 11
+    logits = torch.randn(n, vocab)
+    logits[:, 5] = -1e4
+    x = logits.clone().requires_grad_(True)
+    idx = torch.tensor([[5, 0, 2, 3]] * n)
+    probs = torch.tensor([[1e-9, 0.6, 0.3, 0.1]] * n).half()  # 1e-9 underflows to 0 in fp16
+    probs[0] = torch.tensor([0.0, 0.7, 0.2, 0.1004]).half()  # sums above 1 after rounding
+    assert probs[1, 0].item() == 0.0 and probs[0].float().sum() > 1
+    target = torch.tensor([2, 3, 4, 6, 7, PAD])
+    mask = torch.ones(n, dtype=torch.bool)
+    loss, nll, mass = pskd_loss(torch.log_softmax(x, -1), target, 0.8, 0.1, idx, probs, mask,
+                                remainder, ignore_index=PAD)
+    assert torch.isfinite(loss) and torch.isfinite(nll) and torch.isfinite(mass)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
