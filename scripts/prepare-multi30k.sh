@@ -13,17 +13,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# The active venv, else the repository's .venv, else python3 on PATH.
-if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
-  PY="$VIRTUAL_ENV/bin/python"
-elif [[ -x "$ROOT/.venv/bin/python" ]]; then
-  PY="$ROOT/.venv/bin/python"
-elif command -v python3 >/dev/null 2>&1; then
-  PY="$(command -v python3)"
-else
-  echo "prepare-multi30k.sh: no Python found; run scripts/install.sh first" >&2
-  exit 1
-fi
+source "$ROOT/scripts/_python.sh"
 
 # Importable from a plain checkout too (no pip install -e needed). Relative paths in the
 # arguments stay relative to the caller's directory: no cd.

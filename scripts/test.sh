@@ -6,8 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/install.sh
-PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"
-PY="${PY:-$ROOT/.venv/bin/python}"
+source "$ROOT/scripts/_python.sh"
 # OMP_NUM_THREADS=1: the suite runs many small fairseq subprocesses; one thread each avoids
 # oversubscribing small machines. pytest exits non-zero on any failure and with 5 when no
 # test was collected, so an empty run never passes.

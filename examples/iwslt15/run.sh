@@ -18,7 +18,7 @@ while [[ $# -gt 0 ]]; do
 done
 WORK="${WORK:-$ROOT/work/iwslt15-$SRC-$TGT}"
 bash "$ROOT/scripts/install.sh"
-PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"; PY="${PY:-$ROOT/.venv/bin/python}"
+source "$ROOT/scripts/_python.sh"
 DATA="$WORK/data"
 bash "$ROOT/scripts/prepare-iwslt15.sh" --out "$DATA" --src "$SRC" --tgt "$TGT" ${RAW:+--raw "$RAW"}
 

@@ -16,7 +16,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 bash "$ROOT/scripts/install.sh"
-PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"; PY="${PY:-$ROOT/.venv/bin/python}"
+source "$ROOT/scripts/_python.sh"
 DATA="$WORK/data"
 bash "$ROOT/scripts/prepare-multi30k.sh" --out "$DATA" --src de --tgt en ${RAW:+--raw "$RAW"}
 
