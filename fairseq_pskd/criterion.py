@@ -357,7 +357,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             raise ValueError(f"--pskd-store-sync must be shared or all_gather, got {self.store_sync}")
         # may hold {rank} / {node} / {local_rank}; resolved when the store is opened
         self.store_dir = cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store")
-        self.store = None  # TopKStore,  # opened at the first training epoch
+        self.store = None  # a TopKStore, opened at the first training epoch
         self.epoch: Optional[int] = None
         # epoch whose rows this process may still have to end (flush + header) in the store
         self._written_epoch: Optional[int] = None

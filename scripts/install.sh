@@ -48,8 +48,8 @@ fi
 
 # 2. fairseq: keep an installed one; else the prebuilt ve-fairseq wheel where it exists
 #    (CPython 3.11/3.12 on x86_64), else build fairseq-fixed against the installed torch.
-if have fairseq fairseq_cli && "$PY" -c 'import fairseq' 2>/dev/null; then
-  log "fairseq $("$PY" -c 'import fairseq; print(fairseq.__version__)') already installed, kept"
+if have fairseq fairseq_cli; then  # found without importing it (an import takes seconds)
+  log "fairseq already installed, kept"
 else
   read -r PYVER ARCH < <("$PY" -c 'import sys, platform; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine())')
   log "installing fairseq runtime deps"
@@ -71,12 +71,12 @@ else
   log "installing ${TOOLS[*]}"
   "${PIP[@]}" "${TOOLS[@]}"
 fi
-if "$PY" -c 'import fairseq_pskd, sys, os; sys.exit(0 if os.path.dirname(os.path.dirname(fairseq_pskd.__file__)) == sys.argv[1] else 1)' "$ROOT" 2>/dev/null \
-   && "$PY" -m pip show -q fairseq-pskd >/dev/null 2>&1; then
-  log "fairseq-pskd already installed (editable)"
+if "$PY" -c 'import importlib.metadata as m; m.distribution("fairseq-pskd")' 2>/dev/null; then
+  log "fairseq-pskd already installed"
 else
   log "installing fairseq-pskd (editable)"
   "${PIP[@]}" setuptools wheel && "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
 fi
 
+# One import of everything: a broken or incompatible install fails here, not in training.
 "$PY" -c 'import torch, fairseq, fairseq_pskd; print(f"[install] ok: torch {torch.__version__}, fairseq {fairseq.__version__}, fairseq_pskd {fairseq_pskd.__version__}")'

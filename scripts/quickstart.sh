@@ -29,7 +29,7 @@ if [[ -z "$RAW" && -d "$ROOT/../shared/data/multi30k" ]]; then RAW="$ROOT/../sha
 START=$(date +%s)
 
 bash scripts/install.sh
-PY="${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}"; PY="${PY:-$ROOT/.venv/bin/python}"
+source "$ROOT/scripts/_python.sh"
 
 DATA="$WORK/data/multi30k-de-en"
 bash scripts/prepare-multi30k.sh --out "$DATA" --src de --tgt en ${RAW:+--raw "$RAW"}
