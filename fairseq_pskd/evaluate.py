@@ -244,19 +244,10 @@ def read_lines(path):
 
 
 def detokenize(lines, lang):
-    """Moses detokenisation of moses-tokenised text; the project's prepare module when
-    present (same settings as data preparation), sacremoses directly otherwise."""
-    try:
-        from fairseq_pskd.prepare.text import detokenize as prepare_detokenize
-    except ImportError:
-        prepare_detokenize = None
-    if prepare_detokenize is not None:
-        return list(prepare_detokenize(lines, lang))
-    from sacremoses import MosesDetokenizer
-    md = MosesDetokenizer(lang=lang)
-    # unescape=False as in prepare.text: the pipeline never escapes, so a literal "&amp;"
-    # produced by the model must stay as it is
-    return [" ".join(md.detokenize(line.split(), unescape=False).split()) for line in lines]
+    """Moses detokenisation with the settings data preparation used (one place: prepare.text)."""
+    from fairseq_pskd.prepare.text import detokenize as prepare_detokenize
+
+    return list(prepare_detokenize(lines, lang))
 
 
 def bleu_chrf(hyps, refs, tokenize=None):

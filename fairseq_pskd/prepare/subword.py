@@ -13,22 +13,14 @@ Choices (documented in docs/DATA.md):
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import PrepareError
+from .errors import PrepareError, require
 
 
 def _spm():
-    try:
-        import sentencepiece as spm
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise PrepareError(
-            f"sentencepiece is not importable ({e}); install it into this Python "
-            f"({sys.executable}) with `pip install sentencepiece` or run scripts/install.sh"
-        ) from e
-    return spm
+    return require("sentencepiece", "sentencepiece")
 
 
 def train(

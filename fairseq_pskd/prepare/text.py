@@ -24,7 +24,7 @@ import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import PrepareError
+from .errors import PrepareError, require
 
 __all__ = [
     "tokenize",
@@ -40,14 +40,8 @@ __all__ = [
 
 
 def _sacremoses():
-    try:
-        from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise PrepareError(
-            f"sacremoses is not importable ({e}); install it into this Python "
-            f"({sys.executable}) with `pip install sacremoses` or run scripts/install.sh"
-        ) from e
-    return MosesTokenizer, MosesDetokenizer, MosesPunctNormalizer
+    sm = require("sacremoses", "sacremoses")
+    return sm.MosesTokenizer, sm.MosesDetokenizer, sm.MosesPunctNormalizer
 
 
 # ---------------------------------------------------------------------------------------------
