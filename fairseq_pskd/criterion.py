@@ -15,6 +15,13 @@ trainer beyond two documented hooks of the task it is given: ``begin_epoch`` (th
 number, right after a resume too) and ``train_step`` (tells a training batch from a
 validation batch, and a dummy batch from a real one).
 
+Per training step the criterion adds no forward pass and no GPU synchronisation: the train
+dataset's collater also puts the batch's sentence ids into the sample as a numpy array (fairseq
+moves only tensors to the GPU), the store read for a batch starts on a helper thread as soon as
+task.train_step receives it (overlapping the forward pass), the priors go to the device from
+pinned memory without blocking, and the top-k is taken on the device and copied back
+asynchronously by the store's writer (store.py).
+
 Data-parallel training (docs/DISTRIBUTED.md): --pskd-store-sync shared (default) = one store
 directory for all ranks, each rank writes the sentences it trains (disjoint), and a barrier at
 every epoch start orders all ranks' writes before anyone's reads; --pskd-store-sync all_gather =
@@ -22,6 +29,7 @@ each step's top-k rows are all-gathered and one rank per distinct directory writ
 (node-local stores, e.g. --pskd-store-dir /local/pskd_{node}).
 """
 import atexit
+import concurrent.futures
 import logging
 import math
 import os
@@ -324,6 +332,46 @@ def pad_rows(lengths, rows):
     return out
 
 
+# ---- host-side sentence ids ---------------------------------------------------------------
+
+HOST_IDS = "pskd_host_ids"  # sample key: the batch's sentence ids, int64 numpy, never on a device
+
+
+class CollaterWithHostIds:
+    """A dataset's collater that also puts the batch's ids into the sample as numpy.
+
+    The store is addressed by sentence id on the host. fairseq moves every tensor of a sample
+    to the GPU before the criterion sees it, and leaves numpy arrays where they are: without
+    this copy, every step would read the ids back from the GPU (a synchronisation that stalls
+    it). A class, not a closure, so DataLoader workers can pickle it."""
+
+    def __init__(self, collater):
+        self.collater = collater
+
+    def __call__(self, samples):
+        batch = self.collater(samples)
+        ids = batch.get("id") if isinstance(batch, dict) else None
+        if isinstance(ids, torch.Tensor):
+            batch[HOST_IDS] = ids.numpy().astype(np.int64, copy=True)
+        return batch
+
+
+def add_host_ids(dataset):
+    """Wrap ``dataset.collater`` (once) so its batches carry HOST_IDS; returns the dataset."""
+    if dataset is not None and hasattr(dataset, "collater") \
+            and not isinstance(dataset.collater, CollaterWithHostIds):
+        dataset.collater = CollaterWithHostIds(dataset.collater)
+    return dataset
+
+
+def _to_device(t, device):
+    """Host tensor -> device without blocking: through pinned memory on CUDA (torch's caching
+    host allocator keeps the pinned block until the copy has run), a plain copy elsewhere."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @register_criterion("pskd_label_smoothed_cross_entropy", dataclass=PSKDConfig)
 class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, task, cfg: PSKDConfig):
@@ -365,6 +413,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         self._updates_header = True  # this rank rewrites its store's header at epoch ends
         self._dummy_batches = 0  # trainer dummy batches seen this epoch (neither read nor written)
         self._train_batch = None  # set by the task.train_step hook: {"ignore_grad", "update_num"}
+        self._reader = None  # one helper thread that reads a batch's priors during its forward
+        self._prefetch = None  # (sample, future of _read_host) for the batch in train_step
+        self._warned_no_host_ids = False
         self._hook_task(task)
         logger.info(
             "PS-KD: a_T=%s, k=%d, remainder=%s, schedule: %s, store: %s", self.alpha_T, self.topk,
@@ -379,6 +430,13 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         pskd = self
         begin_epoch, begin_valid_epoch = task.begin_epoch, task.begin_valid_epoch
         train_step, state_dict = task.train_step, task.state_dict
+        load_dataset = task.load_dataset
+
+        def pskd_load_dataset(split, *args, **kwargs):
+            result = load_dataset(split, *args, **kwargs)
+            if split == pskd.cfg.train_subset:
+                add_host_ids(task.datasets.get(split))
+            return result
 
         def pskd_begin_epoch(epoch, model):
             pskd.begin_epoch(epoch)
@@ -393,15 +451,19 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                             **kwargs):
             pskd._train_batch = {"ignore_grad": ignore_grad, "update_num": update_num}
             try:
+                pskd._start_read(sample)
                 return train_step(sample, model, criterion, optimizer, update_num,
                                   ignore_grad=ignore_grad, **kwargs)
             finally:
                 pskd._train_batch = None
+                pskd._drop_read()
 
         def pskd_state_dict():
             pskd.flush()  # a checkpoint never refers to priors still in flight
             return state_dict()
 
+        task.load_dataset = pskd_load_dataset
+        add_host_ids(getattr(task, "datasets", {}).get(self.cfg.train_subset))  # already loaded
         task.begin_epoch = pskd_begin_epoch
         task.begin_valid_epoch = pskd_begin_valid_epoch
         task.train_step = pskd_train_step
@@ -448,6 +510,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
 
     def close(self):
         # At exit (atexit) or by hand; no collectives here: the process group may be gone.
+        self._drop_read()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
         if self.store is not None:
             try:
                 if self._written_epoch is not None:
@@ -629,20 +695,19 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         batch = self._train_batch
         alpha = self.alpha(batch["update_num"])
         dummy = batch["ignore_grad"]  # the trainer's cached dummy batch: no read, no write
-        ids = sample["id"]
+        # on the device, for the store's writer to check against the store off the critical path
         lengths = full_target.ne(self.padding_idx).sum(1)
         n_tokens = target.ne(self.padding_idx).sum()
         prior_idx = prior_p = prior_mask = None
-        if alpha > 0 and not dummy and self.epoch > 1:  # epoch 1 has no prior to read
-            idx, p, has_prior = self.store.read(self.epoch, ids.cpu(), lengths.cpu(),
-                                                max_len=full_target.size(1))
+        if self._reads_prior(alpha, dummy):
+            idx, p, has_prior = self._take_read(sample)
             if self.ignore_prefix_size > 0:
                 idx = idx[:, self.ignore_prefix_size:]
                 p = p[:, self.ignore_prefix_size:]
             dev = lprobs.device
-            prior_idx = idx.to(dev, non_blocking=True).reshape(-1, idx.size(-1))
-            prior_p = p.to(dev, non_blocking=True).reshape(-1, p.size(-1))
-            prior_mask = has_prior.to(dev).unsqueeze(1).expand_as(target).reshape(-1)
+            prior_idx = _to_device(idx, dev).reshape(-1, idx.size(-1))
+            prior_p = _to_device(p, dev).reshape(-1, p.size(-1))
+            prior_mask = _to_device(has_prior, dev).unsqueeze(1).expand_as(target).reshape(-1)
         loss, nll_loss, mass = pskd_loss(
             lprobs.view(-1, lprobs.size(-1)), target.view(-1), alpha, self.eps,
             prior_idx, prior_p, prior_mask, self.remainder, ignore_index=self.padding_idx,
@@ -651,6 +716,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             self._dummy_batches += 1
         # all_gather: every rank joins the step's collective, a dummy batch with no rows
         if not dummy or self.store_sync == "all_gather":
+            ids = torch.from_numpy(self._host_ids(sample)) if not dummy else sample["id"]
             self._write_priors(full_lprobs, ids, lengths, dummy=dummy)
         if prior_mask is not None:
             covered = (prior_mask & target.view(-1).ne(self.padding_idx)).sum()
@@ -666,6 +732,59 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             "pskd_mass_sum": (mass.sum() if not reduce else mass).data,
         }
         return loss, nll_loss, stats
+
+    # ---- reading priors: off the critical path ----------------------------------------------
+
+    def _reads_prior(self, alpha, dummy):
+        return alpha > 0 and not dummy and self.epoch is not None and self.epoch > 1
+
+    def _host_ids(self, sample):
+        ids = sample.get(HOST_IDS)
+        if ids is not None:
+            return ids
+        if not self._warned_no_host_ids:  # e.g. a dataset loaded around task.load_dataset
+            self._warned_no_host_ids = True
+            logger.warning("PS-KD: training samples carry no host-side ids (%s); reading them "
+                           "back from the device every step, which synchronises a GPU. Load the "
+                           "train set with task.load_dataset after building the criterion, or "
+                           "wrap its collater with fairseq_pskd.criterion.add_host_ids.", HOST_IDS)
+        return sample["id"].cpu().numpy()
+
+    def _read_host(self, ids, width):
+        """The batch's priors as CPU tensors (indices, probs (B, width, k), has_prior (B,)).
+
+        Lengths come from the store (the train set's own, checked when it was opened): the
+        device-side lengths are checked against them by the writer, off the critical path."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return self.store.read(self.epoch, ids, self.store.lengths[ids], max_len=width)
+
+    def _start_read(self, sample):
+        """Called by the train_step hook before the forward pass: read this batch's priors on
+        the helper thread while the model runs (numpy's gathers release the GIL)."""
+        self._drop_read()
+        batch = self._train_batch
+        if not isinstance(sample, dict) or HOST_IDS not in sample or "target" not in sample \
+                or not self._reads_prior(self.alpha(batch["update_num"]), batch["ignore_grad"]):
+            return
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pskd-read")
+        width = sample["target"].size(1)
+        self._prefetch = (sample, width, self._reader.submit(self._read_host, sample[HOST_IDS], width))
+
+    def _take_read(self, sample):
+        if self._prefetch is not None and self._prefetch[0] is sample:
+            _, width, future = self._prefetch
+            self._prefetch = None
+            if width == sample["target"].size(1):
+                return future.result()  # re-raises what the read raised
+        return self._read_host(self._host_ids(sample), sample["target"].size(1))
+
+    def _drop_read(self):
+        """Forget a read the step did not use (fairseq skipped the batch, e.g. out of memory),
+        after it has finished, so no read runs while the store changes epoch."""
+        if self._prefetch is not None:
+            concurrent.futures.wait([self._prefetch[2]])
+            self._prefetch = None
 
     @torch.no_grad()
     def _write_priors(self, full_lprobs, ids, lengths, dummy=False):

@@ -1,5 +1,6 @@
 """The criterion inside a real fairseq task and model, in process: what it stores, what it reads,
 what it trains against, and that validation never touches the store."""
+import numpy as np
 import pytest
 import torch
 
@@ -182,4 +183,117 @@ def test_new_run_forgets_priors_left_in_a_reused_store_dir(toy_data_bin, tmp_pat
     pad = task.target_dictionary.pad()
     _, _, has = crit.store.read(2, sample["id"], sample["target"].ne(pad).sum(1))
     assert not has.any()
+    crit.close()
+
+
+# ---- no device synchronisation in the training step ------------------------------------------
+
+class MetaModel:
+    """The two model methods compute_loss uses, for a network output on the 'meta' device.
+
+    Meta tensors have shapes but no values: any read of a value back to the host (.cpu(),
+    .item(), .tolist(), bool(t), a host copy) raises. On a GPU each of those is a
+    synchronisation that stalls it; here it is an error, so the tests below can see one."""
+
+    def get_normalized_probs(self, net_output, log_probs):
+        return torch.log_softmax(net_output[0].float(), dim=-1)
+
+    def get_targets(self, sample, net_output):
+        return sample["target"]
+
+
+def trained_one_epoch(data_bin, save_dir, *extra):
+    """A criterion whose store holds epoch-1 priors for every training batch; epoch 2 begun."""
+    task, model, crit = build(data_bin, save_dir, "--pskd-alpha", "0.8", "--pskd-topk", "4", *extra)
+    model.train()
+    task.begin_epoch(1, model)
+    for i, sample in enumerate(batches(task)):
+        task.train_step(sample, model, crit, BackwardOnly(), update_num=i)
+    task.begin_epoch(2, model)
+    return task, model, crit
+
+
+def on_meta(sample):
+    from fairseq import utils
+    return utils.apply_to_sample(lambda t: t.to("meta"), sample)  # as fairseq's move_to_cuda
+
+
+def test_train_batches_carry_host_ids_that_survive_the_move_to_the_device(toy_data_bin, tmp_path):
+    from fairseq_pskd.criterion import HOST_IDS
+    task, model, crit = build(toy_data_bin, tmp_path)
+    for sample in batches(task):
+        assert sample[HOST_IDS].dtype == np.int64
+        np.testing.assert_array_equal(sample[HOST_IDS], sample["id"].numpy())
+        moved = on_meta(sample)
+        assert moved["id"].device.type == "meta"
+        assert isinstance(moved[HOST_IDS], np.ndarray)  # left on the host
+    # validation batches are not touched (the criterion never reads priors for them)
+    assert all(HOST_IDS not in s for s in batches(task, "valid"))
+    # a train set loaded after the criterion was built (fairseq-train's order) is wrapped too
+    task.load_dataset("train")
+    assert all(HOST_IDS in s for s in batches(task))
+    crit.close()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_training_step_reads_nothing_back_from_the_device(toy_data_bin, tmp_path, prefetch):
+    task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
+    writes = []
+    crit.store.write = lambda *args: writes.append(args)  # the store's CUDA path stages itself
+    sample = on_meta(batches(task)[0])
+    vocab = len(task.target_dictionary)
+    logits = torch.empty(*sample["target"].shape, vocab, device="meta", requires_grad=True)
+    crit._train_batch = {"ignore_grad": False, "update_num": 30}
+    if prefetch:
+        crit._start_read(sample)  # what the train_step hook does before the forward pass
+        assert crit._prefetch is not None
+    loss, _, stats = crit.compute_loss(MetaModel(), (logits,), sample, training=True)
+    loss.backward()  # the backward pass needs no host value either
+    assert loss.device.type == "meta" and stats["pskd_covered"].device.type == "meta"
+    (epoch, ids, lengths, top_idx, top_p), = writes
+    assert epoch == 2 and ids.device.type == "cpu"  # ids from the host copy
+    assert lengths.device.type == top_idx.device.type == top_p.device.type == "meta"
+    assert crit._prefetch is None
+
+    # without the host-side ids the criterion must read them from the device: on a GPU that is
+    # a synchronisation; here it raises, which shows this test can see one
+    from fairseq_pskd.criterion import HOST_IDS
+    del sample[HOST_IDS]
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        crit.compute_loss(MetaModel(), (logits,), sample, training=True)
+    crit._train_batch = None
+    crit.close()
+
+
+def test_prefetched_priors_are_the_batch_own(toy_data_bin, tmp_path):
+    """The read started by the train_step hook returns exactly what a direct read returns,
+    is used only for the sample it was started for, and is dropped when the step fails."""
+    from fairseq_pskd.criterion import HOST_IDS
+    task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
+    first, second = batches(task)[:2]
+    crit._train_batch = {"ignore_grad": False, "update_num": 30}
+    crit._start_read(first)
+    got = crit._take_read(first)
+    pad = task.target_dictionary.pad()
+    direct = crit.store.read(2, first["id"], first["target"].ne(pad).sum(1),
+                             max_len=first["target"].size(1))
+    for a, b in zip(got, direct):
+        torch.testing.assert_close(a, b)
+    assert got[2].all()
+    crit._start_read(first)
+    got = crit._take_read(second)  # another sample: its own read, not the prefetched one
+    np.testing.assert_array_equal(got[0].shape[:2], second["target"].shape)
+    crit._train_batch = None
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_forward(**kwargs):
+        raise Boom("out of memory")
+
+    model.forward = failing_forward
+    with pytest.raises(Boom):
+        task.train_step(second, model, crit, BackwardOnly(), update_num=31)
+    assert crit._prefetch is None  # waited for and dropped, not left running
+    assert HOST_IDS in second
     crit.close()
