@@ -1,0 +1,26 @@
+"""The throughput benchmark runs end to end and measures what it claims (tiny settings: this
+checks the machinery, not the speed; docs/BENCHMARKS.md has the real measurements)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data-bin", str(toy_data_bin),
+         "--topk", "2", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
+         "--json", str(out), "--", "--max-tokens", "100"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "ratio X" in proc.stdout and "pskd k=2" in proc.stdout
+    result = json.loads(out.read_text())
+    pskd = result["runs"]["2"][0]
+    assert pskd["pskd_coverage"] == 1.0  # every timed token was trained against a stored prior
+    assert result["runs"]["0"][0]["pskd_coverage"] is None  # the baseline has no PS-KD metrics
+    row = next(r for r in result["summary"] if r["topk"] == 2)
+    assert row["ratio_wps"] == pskd["wps"] / result["runs"]["0"][0]["wps"]
