@@ -8,20 +8,37 @@
 # Options: --work DIR (default ./work/quickstart[-quick]), --raw DIR (local Multi30k raw files;
 # default ../shared/data/multi30k when it exists, else download from the official repository).
 # Rerunning skips what is finished (prepare steps, trained epochs, decoded sets).
+#
+#   bash scripts/quickstart.sh --variant NAME -- ARGS...
+# trains and scores one more run with exactly the main job's settings plus ARGS (which come last,
+# so they override), in WORK/NAME, then prints the table of baseline, pskd and NAME. This is how
+# the ablations in docs/RESULTS.md were made, e.g.
+#   bash scripts/quickstart.sh --variant pskd-a0.4 -- --criterion pskd --pskd-alpha 0.4 --pskd-topk 8
+# It uses half the cores, like each run of the main job, so two variants can run side by side.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-QUICK=0; WORK=""; RAW=""
+QUICK=0; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
     --work) WORK="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --variant) VARIANT="$2"; shift 2 ;;
+    --) shift; VARIANT_ARGS=("$@"); break ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "quickstart.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+if [[ -n "$VARIANT" ]]; then
+  [[ "$VARIANT" =~ ^[A-Za-z0-9._-]+$ && "$VARIANT" != baseline && "$VARIANT" != pskd ]] || {
+    echo "quickstart.sh: --variant needs a new run name (letters, digits, . _ -), not baseline or pskd" >&2; exit 2; }
+  (( ${#VARIANT_ARGS[@]} > 0 )) || {
+    echo "quickstart.sh: --variant $VARIANT needs its training arguments after --, e.g. -- --criterion pskd --pskd-alpha 0.4" >&2; exit 2; }
+elif (( ${#VARIANT_ARGS[@]} > 0 )); then
+  echo "quickstart.sh: arguments after -- need --variant NAME" >&2; exit 2
+fi
 if [[ -z "$WORK" ]]; then
   if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"; else WORK="work/quickstart"; fi
 fi
@@ -64,6 +81,19 @@ run() {  # name, criterion args...
     > "$WORK/$name.log" 2>&1
 }
 mkdir -p "$WORK"
+if [[ -n "$VARIANT" ]]; then
+  echo "[quickstart] training variant $VARIANT ($EPOCHS epochs): ${VARIANT_ARGS[*]}; log: $WORK/$VARIANT.log"
+  run "$VARIANT" "${VARIANT_ARGS[@]}" || {
+    echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
+  TABLE=()
+  for name in baseline pskd "$VARIANT"; do
+    [[ -f "$WORK/$name/results.json" ]] && TABLE+=("$WORK/$name/results.json")
+  done
+  echo
+  "$PY" -m fairseq_pskd.experiment table "${TABLE[@]}"
+  echo "[quickstart] $VARIANT done in $(( ($(date +%s) - START) / 60 )) min"
+  exit 0
+fi
 echo "[quickstart] training baseline and PS-KD ($EPOCHS epochs each); logs: $WORK/{baseline,pskd}.log"
 run baseline "${BASELINE[@]}" & PID_B=$!
 run pskd "${PSKD[@]}" & PID_P=$!
