@@ -20,8 +20,8 @@ the priors a running epoch consumes are never overwritten by it (crash/resume sa
 sentence's row in a buffer is valid for epoch ``e`` only if its stamp equals ``e``; stamps are
 written after the data, so a stale or half-finished row is never mistaken for a fresh one.
 
-Writes are asynchronous: ``write`` stages the tensors (non-blocking device->pinned copy plus
-a CUDA event for GPU tensors, a plain copy for CPU tensors) and hands them to one background
+Writes are asynchronous: ``write`` stages the tensors (one non-blocking device->pinned copy
+plus a CUDA event for GPU tensors, a plain copy for CPU tensors) and hands them to one background
 thread that scatters them into the memory maps. See docs/STORE.md for the format and the
 data-parallel design.
 
@@ -869,24 +869,23 @@ class TopKStore:
         cuda = [t for t in (indices, probs, ids, lengths) if isinstance(t, torch.Tensor) and t.is_cuda]
         if cuda:
             # Narrow on the device (int32 / float16 halve the copy; vocabulary ids and
-            # probabilities fit them), then copy asynchronously into pinned host buffers
-            # on the producer's stream; the writer thread waits on the event, the caller never does.
-            def stage(t, dtype):
-                if not isinstance(t, torch.Tensor) or not t.is_cuda:
-                    return _host_copy(t, dtype)
-                view, base = writer.pool.acquire(t.shape, dtype)
-                if base is not None:
-                    pinned.append(base)
-                view.copy_(t.detach().to(dtype), non_blocking=True)
-                return view
-
+            # probabilities fit them) and copy everything that is on the device as ONE
+            # asynchronous transfer into a pinned host buffer, on the producer's stream; the
+            # writer thread waits on the event, the caller never does.
+            parts = [(indices, torch.int32), (probs, torch.float16)]
+            if on_device:
+                parts += [(ids, torch.int64), (lengths, torch.int64)]
+            on_gpu = [i for i, (t, _) in enumerate(parts) if isinstance(t, torch.Tensor) and t.is_cuda]
             with torch.cuda.device(cuda[0].device):
-                idx_h = stage(indices, torch.int32)
-                prb_h = stage(probs, torch.float16)
-                ids_h = stage(ids, torch.int64) if on_device else ids_np
-                len_h = stage(lengths, torch.int64) if on_device else len_np
+                views, base = _stage_to_host([parts[i] for i in on_gpu], writer.pool)
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream())
+            if base is not None:
+                pinned.append(base)
+            host = [views[on_gpu.index(i)] if i in on_gpu else _host_copy(t, dtype)
+                    for i, (t, dtype) in enumerate(parts)]
+            idx_h, prb_h = host[0], host[1]
+            ids_h, len_h = (host[2], host[3]) if on_device else (ids_np, len_np)
         else:
             # CPU: one copy now, as the caller may reuse its tensors; probabilities narrowed
             # to the stored float16 in the same pass (values > 1, inf, nan stay detectable).
@@ -1028,6 +1027,33 @@ def _host_copy(t, dtype: Optional[torch.dtype] = None):
     if isinstance(t, torch.Tensor):
         return t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).numpy()
     return np.array(t, dtype=_NP_DTYPE[dtype] if dtype is not None else None, copy=True)
+
+
+def _stage_to_host(parts, pool: "_PinnedPool"):
+    """Copy several device tensors to the host in one non-blocking transfer.
+
+    ``parts``: [(tensor, dtype)], all on one device. Each tensor is narrowed to ``dtype`` on the
+    device and flattened to bytes; the bytes are concatenated (largest item size first, so every
+    part starts at a multiple of its item size) and copied with ``non_blocking=True`` into one
+    buffer from ``pool``. Returns the host views, in the order of ``parts`` and with their
+    shapes, and the pool buffer to release once the copy has landed (None if nothing to copy).
+    The caller records the event that says when.
+    """
+    order = sorted(range(len(parts)), key=lambda i: -torch.empty((), dtype=parts[i][1]).element_size())
+    flat = [parts[i][0].detach().to(parts[i][1]).reshape(-1).view(torch.uint8) for i in order]
+    total = sum(f.numel() for f in flat)
+    views: List[Optional[torch.Tensor]] = [None] * len(parts)
+    if total == 0:
+        for i in order:
+            views[i] = torch.empty(parts[i][0].shape, dtype=parts[i][1])
+        return views, None
+    host, base = pool.acquire((total,), torch.uint8)
+    host.copy_(torch.cat(flat) if len(flat) > 1 else flat[0], non_blocking=True)
+    offset = 0
+    for i, f in zip(order, flat):
+        views[i] = host[offset:offset + f.numel()].view(parts[i][1]).view(parts[i][0].shape)
+        offset += f.numel()
+    return views, base
 
 
 def _preallocate(fd: int, size: int) -> None:

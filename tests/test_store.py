@@ -250,6 +250,29 @@ def test_pinned_pool_reuses_buffers():
     assert v2.shape == (2, 2, 4) and v2.dtype == torch.float16
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 4), (1, 7, 3), (0, 4, 2)])
+def test_stage_to_host_is_one_copy_into_one_buffer(shape):
+    """What write() does with CUDA tensors (run here on CPU tensors with an unpinned pool):
+    everything narrowed, packed and copied in one transfer; each view reads back its tensor."""
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, V, shape, generator=g)  # int64, narrowed to int32
+    probs = torch.rand(shape, generator=g)  # float32, narrowed to float16
+    ids = torch.randint(0, 100, shape[:1], generator=g)
+    lengths = torch.randint(1, 9, shape[:1], generator=g).to(torch.int32)  # widened to int64
+    parts = [(indices, torch.int32), (probs, torch.float16), (ids, torch.int64), (lengths, torch.int64)]
+    pool = store_mod._PinnedPool(pin=False)
+    views, base = store_mod._stage_to_host(parts, pool)
+    for (t, dtype), v in zip(parts, views):
+        assert v.dtype == dtype and v.shape == t.shape
+        assert torch.equal(v, t.to(dtype))
+    if indices.numel():
+        start, end = base.data_ptr(), base.data_ptr() + base.numel()
+        assert all(start <= v.data_ptr() < end for v in views)  # one host buffer for all four
+        assert sum(v.numel() * v.element_size() for v in views) <= base.numel()
+    else:
+        assert base is None
+
+
 # ------------------------------------------------------------------------------ crash / resume
 
 def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
