@@ -7,7 +7,8 @@ Each measurement is a fresh process that builds the same model (same seed) with 
 Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the training set
 of DATA_BIN, and reports target words per second and its peak memory over the timed steps
 (RSS, which counts the store pages read or written like any mapped file; on GPU also the peak
-allocated CUDA memory). The configurations alternate within each round (baseline, pskd
+allocated CUDA memory, and how many host<->GPU synchronisations the criterion's compute_loss
+caused, found with torch.cuda.set_sync_debug_mode). The configurations alternate within each round (baseline, pskd
 k=..., baseline, ...) so that a noisy machine slows them alike, and the ratios are computed
 from the per-round medians. PS-KD is measured in epoch 2, where it reads priors and writes
 new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
@@ -84,6 +85,7 @@ def worker(args):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         rss_scope = "timed steps" if reset_peak_rss() else "whole process"
+        syncs = count_syncs(criterion) if cuda else None
         tokens, t0 = 0, time.perf_counter()
         for _ in range(args.steps):
             tokens += step()
@@ -101,7 +103,34 @@ def worker(args):
                "peak_rss_mb": peak_rss_mb(), "peak_rss_scope": rss_scope}
         if cuda:
             out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["criterion_syncs"] = len(syncs)
+            out["criterion_sync_example"] = syncs[0] if syncs else None
         print("RESULT " + json.dumps(out), flush=True)
+
+
+def count_syncs(criterion):
+    """Make ``criterion.compute_loss`` record every host<->GPU synchronisation it causes
+    (torch.cuda.set_sync_debug_mode("warn") while it runs); returns the list they go into."""
+    import warnings
+
+    import torch
+
+    found = []
+    real = criterion.compute_loss
+
+    def compute_loss(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                found.extend(str(w.message).splitlines()[0] for w in caught
+                             if "synchroniz" in str(w.message).lower())
+
+    criterion.compute_loss = compute_loss
+    return found
 
 
 def reset_peak_rss():
@@ -192,7 +221,8 @@ def main():
             name = "baseline" if k == 0 else f"pskd k={k}"
             print(f"round {r + 1}/{args.rounds} {name:<12} {res['wps']:8.0f} wps  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB"
-                  + (f"  peak CUDA {res['peak_cuda_mb']:.0f} MB" if "peak_cuda_mb" in res else "")
+                  + (f"  peak CUDA {res['peak_cuda_mb']:.0f} MB, {res['criterion_syncs']} syncs in "
+                     f"the loss ({res['criterion_sync_example'] or '-'})" if "peak_cuda_mb" in res else "")
                   + (f"  prior coverage {res['pskd_coverage']:.3f}" if k else ""),
                   flush=True)
 
