@@ -11,9 +11,11 @@ epoch. The loss is the soft-target cross-entropy -sum_v q_v log p_v. Tokens with
 prior (epoch 1, sentences not trained last epoch) are trained against y_ls alone.
 
 The criterion knows nothing of file layouts (the store does) and nothing of fairseq's
-trainer beyond two documented hooks of the task it is given: ``begin_epoch`` (the epoch
-number, right after a resume too) and ``train_step`` (tells a training batch from a
-validation batch, and a dummy batch from a real one).
+trainer beyond documented methods of the task it is given, which it wraps: ``begin_epoch`` (the
+epoch number, right after a resume too), ``train_step`` (tells a training batch from a
+validation batch, and a dummy batch from a real one), ``begin_valid_epoch`` and
+``state_dict`` (flush writes before validation and checkpoints) and ``load_dataset`` (the
+training set's collater, below).
 
 Per training step the criterion adds no forward pass and no GPU synchronisation: the train
 dataset's collater also puts the batch's sentence ids into the sample as a numpy array (fairseq
@@ -756,7 +758,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         Lengths come from the store (the train set's own, checked when it was opened): the
         device-side lengths are checked against them by the writer, off the critical path."""
         ids = np.asarray(ids, dtype=np.int64)
-        return self.store.read(self.epoch, ids, self.store.lengths[ids], max_len=width)
+        stored = self.store.lengths
+        # clipped: an id out of range gets the store's own "out of range" error, not numpy's
+        lengths = stored[np.clip(ids, 0, max(len(stored) - 1, 0))]
+        return self.store.read(self.epoch, ids, lengths, max_len=width)
 
     def _start_read(self, sample):
         """Called by the train_step hook before the forward pass: read this batch's priors on

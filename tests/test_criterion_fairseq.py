@@ -297,3 +297,14 @@ def test_prefetched_priors_are_the_batch_own(toy_data_bin, tmp_path):
     assert crit._prefetch is None  # waited for and dropped, not left running
     assert HOST_IDS in second
     crit.close()
+
+
+def test_a_batch_id_outside_the_store_gets_the_store_error(toy_data_bin, tmp_path):
+    from fairseq_pskd.criterion import HOST_IDS
+    from fairseq_pskd.store import StoreError
+    task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
+    sample = batches(task)[0]
+    sample[HOST_IDS] = sample[HOST_IDS] + 10_000  # as if the training set had changed
+    with pytest.raises(StoreError, match="out of range"):
+        task.train_step(sample, model, crit, BackwardOnly(), update_num=30)
+    crit.close()
