@@ -22,7 +22,8 @@ dataset's collater also puts the batch's sentence ids into the sample as a numpy
 moves only tensors to the GPU), the store read for a batch starts on a helper thread as soon as
 task.train_step receives it (overlapping the forward pass), the priors go to the device from
 pinned memory without blocking, and the top-k is taken on the device and copied back
-asynchronously by the store's writer (store.py).
+asynchronously by the store's writer (store.py). On CPU the helper thread also takes the top-k,
+during the backward pass.
 
 Data-parallel training (docs/DISTRIBUTED.md): --pskd-store-sync shared (default) = one store
 directory for all ranks, each rank writes the sentences it trains (disjoint), and a barrier at
@@ -415,8 +416,11 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         self._updates_header = True  # this rank rewrites its store's header at epoch ends
         self._dummy_batches = 0  # trainer dummy batches seen this epoch (neither read nor written)
         self._train_batch = None  # set by the task.train_step hook: {"ignore_grad", "update_num"}
-        self._reader = None  # one helper thread that reads a batch's priors during its forward
-        self._prefetch = None  # (sample, future of _read_host) for the batch in train_step
+        # one helper thread: reads a batch's priors during its forward pass and, on CPU, takes
+        # the top-k and hands it to the store during the backward pass
+        self._helper = None
+        self._prefetch = None  # (sample, width, future of _read_host) for the batch in train_step
+        self._cpu_write = None  # future of the last _topk_and_write on the helper (CPU only)
         self._warned_no_host_ids = False
         self._hook_task(task)
         logger.info(
@@ -487,6 +491,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                 self.store.reset()
             _barrier()
         if prev is not None and prev < epoch:
+            self._wait_cpu_write()
             self.store.flush()  # this rank's epoch-prev writes are applied and msynced
             dummies = sum(_all_gather_object(self._dummy_batches))
             # every rank's epoch-prev writes are in the files before any rank reads them
@@ -507,15 +512,19 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                     "" if self.schedule == "epoch" else " at the start (grows per update)")
 
     def flush(self):
+        self._wait_cpu_write()
         if self.store is not None:
             self.store.flush()
 
     def close(self):
         # At exit (atexit) or by hand; no collectives here: the process group may be gone.
         self._drop_read()
-        if self._reader is not None:
-            self._reader.shutdown(wait=True)
-            self._reader = None
+        try:
+            self._wait_cpu_write()
+        finally:
+            if self._helper is not None:
+                self._helper.shutdown(wait=True)
+                self._helper = None
         if self.store is not None:
             try:
                 if self._written_epoch is not None:
@@ -771,10 +780,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         if not isinstance(sample, dict) or HOST_IDS not in sample or "target" not in sample \
                 or not self._reads_prior(self.alpha(batch["update_num"]), batch["ignore_grad"]):
             return
-        if self._reader is None:
-            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pskd-read")
         width = sample["target"].size(1)
-        self._prefetch = (sample, width, self._reader.submit(self._read_host, sample[HOST_IDS], width))
+        self._prefetch = (sample, width, self._helper_thread().submit(self._read_host,
+                                                                      sample[HOST_IDS], width))
 
     def _take_read(self, sample):
         if self._prefetch is not None and self._prefetch[0] is sample:
@@ -791,18 +799,44 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             concurrent.futures.wait([self._prefetch[2]])
             self._prefetch = None
 
+    def _helper_thread(self):
+        if self._helper is None:
+            self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pskd")
+        return self._helper
+
+    def _wait_cpu_write(self):
+        """Wait for the top-k write handed to the helper thread; re-raise what it raised."""
+        if self._cpu_write is not None:
+            future, self._cpu_write = self._cpu_write, None
+            future.result()
+
+    def _topk_and_write(self, epoch, lprobs, ids, lengths):
+        top_lp, top_idx = lprobs.topk(self.topk, dim=-1)
+        self.store.write(epoch, ids, lengths, top_idx.to(torch.int32), top_lp.exp().to(torch.float16))
+
     @torch.no_grad()
     def _write_priors(self, full_lprobs, ids, lengths, dummy=False):
         # The full target row, prefix included: the store is keyed by the dataset's target
         # lengths. Top-k on the device; only (B, T, k) crosses to the host.
+        if self.store_sync == "shared" or _dist_info()[1] == 1:
+            if dummy:
+                return
+            lprobs = full_lprobs.detach()
+            if lprobs.device.type == "cpu":
+                # On CPU the top-k costs about as much as a log-softmax (about 7% of a step of
+                # the quickstart's model at k = 8, measured): the helper thread takes it while
+                # this thread runs the backward pass, which holds lprobs alive anyway. One in
+                # flight at a time, so no batch's log-probs outlive the next step.
+                self._wait_cpu_write()
+                self._cpu_write = self._helper_thread().submit(
+                    self._topk_and_write, self.epoch, lprobs, ids, lengths)
+            else:
+                self._topk_and_write(self.epoch, lprobs, ids, lengths)
+            return
         top_idx = top_p = None
         if not dummy:
             top_lp, top_idx = full_lprobs.detach().topk(self.topk, dim=-1)
             top_idx, top_p = top_idx.to(torch.int32), top_lp.exp().to(torch.float16)
-        if self.store_sync == "shared" or _dist_info()[1] == 1:
-            if not dummy:
-                self.store.write(self.epoch, ids, lengths, top_idx, top_p)
-            return
         # all_gather: every rank's rows reach every rank; one rank per directory writes them
         all_ids, all_lengths, all_idx, all_p = all_gather_rows(
             ids, lengths, top_idx, top_p, self.store.vocab_size, self.topk)
