@@ -8,9 +8,12 @@
 (the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
 decoded and scored by the same code. Steps are idempotent: fairseq-train resumes from
 checkpoint_last.pt (and returns at once when training is complete); the later steps are
-skipped when their output exists and is newer than the checkpoint they read.
+skipped when their output exists and is newer than the checkpoint they read. A rerun must
+give the same fairseq-train arguments (recorded in RUN_DIR/train_args.json): otherwise it stops
+with an error instead of resuming, or re-scoring, checkpoints trained with other ones.
 """
 import argparse
+import difflib
 import json
 import os
 import platform
@@ -86,6 +89,27 @@ def _read_manifest(prepared: Path):
     return json.loads(manifest.read_text())
 
 
+def _check_same_training(out: Path, ckpt_dir: Path, train_args):
+    """A rerun resumes (or, when finished, just re-scores) the checkpoints in OUT, so it must
+    use the arguments they were trained with: fairseq itself would resume them under new
+    ones and the results would describe a run that never happened. Records the arguments."""
+    recorded = out / "train_args.json"
+    now = [str(a) for a in train_args]
+    before = None
+    if recorded.exists():
+        before = json.loads(recorded.read_text())
+    elif (out / "results.json").exists():  # runs made before train_args.json existed
+        before = json.loads((out / "results.json").read_text()).get("train_args")
+    if before is not None and before != now and (ckpt_dir / "checkpoint_last.pt").exists():
+        changed = [d[0] + d[2:] for d in difflib.ndiff(before, now) if d[:1] in "+-"]
+        raise ExperimentError(
+            f"{out} holds checkpoints trained with other arguments (- before, + now: "
+            f"{' '.join(changed)}); a rerun would resume them. Use another --out for the new "
+            f"arguments, or delete {out} to train it again from scratch")
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(now) + "\n")
+
+
 def _max_epoch_of(train_args):
     for i, a in enumerate(train_args):
         if a == "--max-epoch" and i + 1 < len(train_args):
@@ -109,6 +133,7 @@ def run(args):
         train_args = train_args[1:]
     if not train_args:
         raise ExperimentError("no fairseq-train arguments given (put them after --)")
+    _check_same_training(out, ckpt_dir, train_args)
     t0 = time.time()
 
     # 1. train (fairseq resumes from checkpoint_last.pt; a finished run returns at once)

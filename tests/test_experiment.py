@@ -1,0 +1,51 @@
+"""experiment run: a rerun never resumes or re-scores checkpoints trained with other arguments."""
+import json
+
+import pytest
+
+from fairseq_pskd import experiment
+
+
+@pytest.fixture
+def prepared(tmp_path, toy_data_bin):
+    d = tmp_path / "prepared"
+    d.mkdir()
+    (d / "data-bin").symlink_to(toy_data_bin)
+    (d / "prepare.json").write_text(json.dumps({"corpus": "toy", "src": "src", "tgt": "tgt",
+                                                "data_bin": "data-bin"}))
+    return d
+
+
+def trained_run(tmp_path, recorded_in, args):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint_last.pt").write_bytes(b"not reached")
+    if recorded_in == "train_args.json":
+        (out / "train_args.json").write_text(json.dumps(args))
+    else:  # a run directory made before train_args.json was recorded
+        (out / "results.json").write_text(json.dumps({"train_args": args}))
+    return out
+
+
+@pytest.mark.parametrize("recorded_in", ["train_args.json", "results.json"])
+def test_rerun_with_other_arguments_is_refused(prepared, tmp_path, capsys, recorded_in):
+    out = trained_run(tmp_path, recorded_in, ["--max-epoch", "12", "--pskd-alpha", "0.8"])
+    code = experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--",
+                            "--max-epoch", "12", "--pskd-alpha", "0.2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "holds checkpoints trained with other arguments" in err
+    assert "-0.8" in err and "+0.2" in err and "Use another --out" in err
+    assert not (out / "train.log").exists()  # fairseq-train was never started
+
+
+def test_same_arguments_pass_and_are_recorded(tmp_path):
+    out = trained_run(tmp_path, "results.json", ["--max-epoch", "12"])
+    experiment._check_same_training(out, out / "checkpoints", ["--max-epoch", "12"])
+    assert json.loads((out / "train_args.json").read_text()) == ["--max-epoch", "12"]
+    # a directory without checkpoints (training never got going) may start over with new ones
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints").mkdir(parents=True)
+    (fresh / "train_args.json").write_text(json.dumps(["--max-epoch", "3"]))
+    experiment._check_same_training(fresh, fresh / "checkpoints", ["--max-epoch", "4"])
+    assert json.loads((fresh / "train_args.json").read_text()) == ["--max-epoch", "4"]
