@@ -8,7 +8,8 @@ Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the
 of DATA_BIN, and reports target words per second and its peak memory over the timed steps
 (RSS, which counts the store pages read or written like any mapped file; on GPU also the peak
 allocated CUDA memory, and how many host<->GPU synchronisations the criterion's compute_loss
-caused, found with torch.cuda.set_sync_debug_mode). The configurations alternate within each round (baseline, pskd
+caused, found with torch.cuda.set_sync_debug_mode; on CPU also the wall time of compute_loss
+per update, the criterion's own cost, which is less noisy than the whole step's). The configurations alternate within each round (baseline, pskd
 k=..., baseline, ...) so that a noisy machine slows them alike, and the ratios are computed
 from the per-round medians. PS-KD is measured in epoch 2, where it reads priors and writes
 new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
@@ -52,8 +53,9 @@ def worker(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as save_dir:
-        crit = (["--criterion", "label_smoothed_cross_entropy"] if args.topk == 0 else
-                ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(args.topk)])
+        k = abs(args.topk)  # negative: the same k with the top-k on the training thread (CPU)
+        crit = (["--criterion", "label_smoothed_cross_entropy"] if k == 0 else
+                ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(k)])
         device = ["--fp16"] if args.fp16 else (["--cpu"] if args.cpu else [])
         parser = options.get_training_parser()
         targs = options.parse_args_and_arch(parser, [
@@ -67,6 +69,8 @@ def worker(args):
         criterion = task.build_criterion(cfg.criterion)
         trainer = Trainer(cfg, task, model, criterion)
         itr = trainer.get_train_iterator(epoch=2, load_dataset=False).next_epoch_itr(shuffle=True)
+        if args.topk < 0:
+            criterion.cpu_topk_on_helper = False
         if args.topk:
             trainer.begin_epoch(1)  # opens the store
             fill_priors(criterion.store, epoch=1)
@@ -86,6 +90,7 @@ def worker(args):
             torch.cuda.reset_peak_memory_stats()
         rss_scope = "timed steps" if reset_peak_rss() else "whole process"
         syncs = count_syncs(criterion) if cuda else None
+        loss_time = time_loss(criterion) if not cuda else None
         tokens, t0 = 0, time.perf_counter()
         for _ in range(args.steps):
             tokens += step()
@@ -100,12 +105,31 @@ def worker(args):
         coverage = metrics.get_smoothed_values("default").get("pskd_coverage")
         out = {"topk": args.topk, "tokens": tokens, "seconds": seconds, "wps": tokens / seconds,
                "pskd_coverage": coverage,
+               # CPU: wall time of compute_loss (loss + PS-KD's read/top-k/write) per update
+               "loss_ms_per_step": loss_time[0] * 1000 / args.steps if loss_time else None,
                "peak_rss_mb": peak_rss_mb(), "peak_rss_scope": rss_scope}
         if cuda:
             out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
             out["criterion_syncs"] = len(syncs)
             out["criterion_sync_example"] = syncs[0] if syncs else None
         print("RESULT " + json.dumps(out), flush=True)
+
+
+def time_loss(criterion):
+    """Accumulate the wall time of ``criterion.compute_loss`` (CPU only: on a GPU it would
+    time the kernel launches). Returns the one-element list it adds to."""
+    total = [0.0]
+    real = criterion.compute_loss
+
+    def compute_loss(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - t0
+
+    criterion.compute_loss = compute_loss
+    return total
 
 
 def count_syncs(criterion):
@@ -174,6 +198,10 @@ def fill_priors(store, epoch, chunk=2048):
     store.flush()
 
 
+def config_name(k):
+    return "baseline" if k == 0 else f"pskd k={k}" if k > 0 else f"pskd k={-k} inline"
+
+
 def measure(args, topk):
     cmd = [sys.executable, __file__, "--_worker", "--data-bin", args.data_bin, "--topk-one", str(topk),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -200,6 +228,9 @@ def main():
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--json", help="write all measurements and ratios here")
+    p.add_argument("--inline-topk", action="store_true",
+                   help="CPU: also measure each k with the top-k on the training thread instead of "
+                        "the criterion's helper thread (what the helper saves)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--topk-one", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="-- then extra fairseq-train arguments")
@@ -208,7 +239,8 @@ def main():
         args.topk = args.topk_one
         return worker(args)
 
-    configs = [0, *args.topk]  # 0 = baseline
+    # 0 = baseline; -k = k with the CPU top-k on the training thread (--inline-topk)
+    configs = [0, *args.topk, *([-k for k in args.topk] if args.inline_topk else [])]
     runs = {k: [] for k in configs}
     for r in range(args.rounds):
         order = configs if r % 2 == 0 else configs[::-1]  # alternate the order too
@@ -218,11 +250,12 @@ def main():
                 raise SystemExit(f"pskd k={k}: only {res.get('pskd_coverage')} of the timed tokens "
                                  "had a prior; the measurement would miss the read path")
             runs[k].append(res)
-            name = "baseline" if k == 0 else f"pskd k={k}"
-            print(f"round {r + 1}/{args.rounds} {name:<12} {res['wps']:8.0f} wps  "
+            name = config_name(k)
+            print(f"round {r + 1}/{args.rounds} {name:<18} {res['wps']:8.0f} wps  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB"
                   + (f"  peak CUDA {res['peak_cuda_mb']:.0f} MB, {res['criterion_syncs']} syncs in "
                      f"the loss ({res['criterion_sync_example'] or '-'})" if "peak_cuda_mb" in res else "")
+                  + (f"  loss {res['loss_ms_per_step']:.0f} ms/update" if res.get("loss_ms_per_step") else "")
                   + (f"  prior coverage {res['pskd_coverage']:.3f}" if k else ""),
                   flush=True)
 
@@ -232,12 +265,17 @@ def main():
     # ratio per round (configs measured next to each other), then the median over rounds
     summary = []
     for k in configs:
-        row = {"config": "baseline" if k == 0 else f"pskd k={k}", "topk": k,
+        row = {"config": config_name(k), "topk": k,
                "wps": med(k, "wps"), "peak_rss_mb": med(k, "peak_rss_mb")}
         if k:
             row["ratio_wps"] = statistics.median(a["wps"] / b["wps"] for a, b in zip(runs[k], runs[0]))
             row["ratio_rss"] = statistics.median(a["peak_rss_mb"] / b["peak_rss_mb"]
                                                  for a, b in zip(runs[k], runs[0]))
+        if runs[k][0].get("loss_ms_per_step"):
+            row["loss_ms_per_step"] = med(k, "loss_ms_per_step")
+            if k:
+                row["ratio_loss"] = statistics.median(a["loss_ms_per_step"] / b["loss_ms_per_step"]
+                                                      for a, b in zip(runs[k], runs[0]))
         if "peak_cuda_mb" in runs[k][0]:
             row["peak_cuda_mb"] = med(k, "peak_cuda_mb")
             if k:
@@ -245,10 +283,13 @@ def main():
                     a["peak_cuda_mb"] / b["peak_cuda_mb"] for a, b in zip(runs[k], runs[0]))
         summary.append(row)
     print()
-    print(f"{'config':<12} {'wps':>8} {'ratio X':>8} {'peak RSS MB':>12} {'RSS ratio':>10}")
+    print(f"{'config':<18} {'wps':>8} {'ratio X':>8} {'peak RSS MB':>12} {'RSS ratio':>10}"
+          + (f" {'loss ms/upd':>12} {'loss ratio':>10}" if "loss_ms_per_step" in summary[0] else ""))
     for row in summary:
-        print(f"{row['config']:<12} {row['wps']:8.0f} {row.get('ratio_wps', 1.0):8.3f} "
+        print(f"{row['config']:<18} {row['wps']:8.0f} {row.get('ratio_wps', 1.0):8.3f} "
               f"{row['peak_rss_mb']:12.0f} {row.get('ratio_rss', 1.0):10.3f}"
+              + (f" {row['loss_ms_per_step']:12.0f} {row.get('ratio_loss', 1.0):10.3f}"
+                 if "loss_ms_per_step" in row else "")
               + (f"  peak CUDA {row['peak_cuda_mb']:.0f} MB (ratio {row.get('ratio_cuda_mem', 1.0):.3f})"
                  if "peak_cuda_mb" in row else ""))
     if args.json:

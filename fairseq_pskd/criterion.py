@@ -377,6 +377,9 @@ def _to_device(t, device):
 
 @register_criterion("pskd_label_smoothed_cross_entropy", dataclass=PSKDConfig)
 class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
+    # CPU training: take the top-k on the helper thread, beside the backward pass (False: on the
+    # training thread; benchmarks/throughput.py --inline-topk compares the two)
+    cpu_topk_on_helper = True
     def __init__(self, task, cfg: PSKDConfig):
         super().__init__(task)
         self.cfg = cfg
@@ -822,7 +825,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             if dummy:
                 return
             lprobs = full_lprobs.detach()
-            if lprobs.device.type == "cpu":
+            if lprobs.device.type == "cpu" and self.cpu_topk_on_helper:
                 # On CPU the top-k costs about as much as a log-softmax (about 7% of a step of
                 # the quickstart's model at k = 8, measured): the helper thread takes it while
                 # this thread runs the backward pass, which holds lprobs alive anyway. One in

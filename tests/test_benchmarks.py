@@ -21,6 +21,7 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
     result = json.loads(out.read_text())
     pskd = result["runs"]["2"][0]
     assert pskd["pskd_coverage"] == 1.0  # every timed token was trained against a stored prior
+    assert pskd["loss_ms_per_step"] > 0 and "ratio_loss" in next(r for r in result["summary"] if r["topk"] == 2)
     assert pskd["peak_rss_mb"] > 0 and pskd["peak_rss_scope"] in ("timed steps", "whole process")
     assert result["runs"]["0"][0]["pskd_coverage"] is None  # the baseline has no PS-KD metrics
     row = next(r for r in result["summary"] if r["topk"] == 2)
