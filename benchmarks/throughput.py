@@ -1,7 +1,7 @@
 """Training throughput and peak memory: label_smoothed_cross_entropy vs PS-KD, side by side.
 
     python benchmarks/throughput.py --data-bin DATA_BIN [--topk 1 8 32] [--rounds 3]
-        [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--json OUT]
+        [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--inline-topk] [--json OUT]
 
 Each measurement is a fresh process that builds the same model (same seed) with fairseq's own
 Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the training set
@@ -9,9 +9,11 @@ of DATA_BIN, and reports target words per second and its peak memory over the ti
 (RSS, which counts the store pages read or written like any mapped file; on GPU also the peak
 allocated CUDA memory, and how many host<->GPU synchronisations the criterion's compute_loss
 caused, found with torch.cuda.set_sync_debug_mode; on CPU also the wall time of compute_loss
-per update, the criterion's own cost, which is less noisy than the whole step's). The configurations alternate within each round (baseline, pskd
-k=..., baseline, ...) so that a noisy machine slows them alike, and the ratios are computed
-from the per-round medians. PS-KD is measured in epoch 2, where it reads priors and writes
+per update, the criterion's own cost, which is less noisy than the whole step's). The
+configurations alternate within each round (baseline, pskd k=..., then reversed) so that a
+noisy machine slows them alike; each ratio is the median of the per-round ratios.
+--inline-topk (CPU) adds, for each k, a run with the top-k on the training thread instead of
+the criterion's helper thread. PS-KD is measured in epoch 2, where it reads priors and writes
 new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
 values written straight into the store), so every read finds one and does the full gather,
 transfer and soft-target loss, as in a real run.

@@ -826,8 +826,8 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                 return
             lprobs = full_lprobs.detach()
             if lprobs.device.type == "cpu" and self.cpu_topk_on_helper:
-                # On CPU the top-k costs about as much as a log-softmax (about 7% of a step of
-                # the quickstart's model at k = 8, measured): the helper thread takes it while
+                # On CPU the top-k costs about as much as the loss (~100 ms of a ~800 ms update
+                # of the quickstart's model at k = 8, docs/BENCHMARKS.md): the helper thread takes it while
                 # this thread runs the backward pass, which holds lprobs alive anyway. One in
                 # flight at a time, so no batch's log-probs outlive the next step.
                 self._wait_cpu_write()
