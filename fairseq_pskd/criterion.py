@@ -422,7 +422,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         # one helper thread: reads a batch's priors during its forward pass and, on CPU, takes
         # the top-k and hands it to the store during the backward pass
         self._helper = None
-        self._prefetch = None  # (sample, width, future of _read_host) for the batch in train_step
+        self._prefetch = None  # (sample, future of _read_host) for the batch in train_step
         self._cpu_write = None  # future of the last _topk_and_write on the helper (CPU only)
         self._warned_no_host_ids = False
         self._hook_task(task)
@@ -769,11 +769,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
 
         Lengths come from the store (the train set's own, checked when it was opened): the
         device-side lengths are checked against them by the writer, off the critical path."""
-        ids = np.asarray(ids, dtype=np.int64)
-        stored = self.store.lengths
-        # clipped: an id out of range gets the store's own "out of range" error, not numpy's
-        lengths = stored[np.clip(ids, 0, max(len(stored) - 1, 0))]
-        return self.store.read(self.epoch, ids, lengths, max_len=width)
+        return self.store.read(self.epoch, ids, max_len=width)
 
     def _start_read(self, sample):
         """Called by the train_step hook before the forward pass: read this batch's priors on
@@ -783,23 +779,21 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         if not isinstance(sample, dict) or HOST_IDS not in sample or "target" not in sample \
                 or not self._reads_prior(self.alpha(batch["update_num"]), batch["ignore_grad"]):
             return
-        width = sample["target"].size(1)
-        self._prefetch = (sample, width, self._helper_thread().submit(self._read_host,
-                                                                      sample[HOST_IDS], width))
+        self._prefetch = (sample, self._helper_thread().submit(
+            self._read_host, sample[HOST_IDS], sample["target"].size(1)))
 
     def _take_read(self, sample):
         if self._prefetch is not None and self._prefetch[0] is sample:
-            _, width, future = self._prefetch
+            future = self._prefetch[1]
             self._prefetch = None
-            if width == sample["target"].size(1):
-                return future.result()  # re-raises what the read raised
+            return future.result()  # re-raises what the read raised
         return self._read_host(self._host_ids(sample), sample["target"].size(1))
 
     def _drop_read(self):
         """Forget a read the step did not use (fairseq skipped the batch, e.g. out of memory),
         after it has finished, so no read runs while the store changes epoch."""
         if self._prefetch is not None:
-            concurrent.futures.wait([self._prefetch[2]])
+            concurrent.futures.wait([self._prefetch[1]])
             self._prefetch = None
 
     def _helper_thread(self):
@@ -813,9 +807,13 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             future, self._cpu_write = self._cpu_write, None
             future.result()
 
-    def _topk_and_write(self, epoch, lprobs, ids, lengths):
+    def _topk(self, lprobs):
+        """(indices int32, probabilities float16) of the k most probable tokens, as stored."""
         top_lp, top_idx = lprobs.topk(self.topk, dim=-1)
-        self.store.write(epoch, ids, lengths, top_idx.to(torch.int32), top_lp.exp().to(torch.float16))
+        return top_idx.to(torch.int32), top_lp.exp().to(torch.float16)
+
+    def _topk_and_write(self, epoch, lprobs, ids, lengths):
+        self.store.write(epoch, ids, lengths, *self._topk(lprobs))
 
     @torch.no_grad()
     def _write_priors(self, full_lprobs, ids, lengths, dummy=False):
@@ -836,10 +834,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             else:
                 self._topk_and_write(self.epoch, lprobs, ids, lengths)
             return
-        top_idx = top_p = None
-        if not dummy:
-            top_lp, top_idx = full_lprobs.detach().topk(self.topk, dim=-1)
-            top_idx, top_p = top_idx.to(torch.int32), top_lp.exp().to(torch.float16)
+        top_idx, top_p = (None, None) if dummy else self._topk(full_lprobs.detach())
         # all_gather: every rank's rows reach every rank; one rank per directory writes them
         all_ids, all_lengths, all_idx, all_p = all_gather_rows(
             ids, lengths, top_idx, top_p, self.store.vocab_size, self.topk)

@@ -106,7 +106,6 @@ def _check_same_training(out: Path, ckpt_dir: Path, train_args):
             f"{out} holds checkpoints trained with other arguments (- before, + now: "
             f"{' '.join(changed)}); a rerun would resume them. Use another --out for the new "
             f"arguments, or delete {out} to train it again from scratch")
-    out.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(now) + "\n")
 
 

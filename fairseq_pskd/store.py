@@ -376,8 +376,9 @@ class _Core:
         self.prob_rows = [_rows(m) for m in self.probs]
 
     # -- validation shared by read/write ------------------------------------------------
-    def check_batch(self, ids: np.ndarray, lengths: np.ndarray, what: str) -> None:
-        if ids.shape != lengths.shape:
+    def check_batch(self, ids: np.ndarray, lengths: Optional[np.ndarray], what: str) -> None:
+        """Ids in range and, unless lengths is None, lengths equal to the stored ones."""
+        if lengths is not None and ids.shape != lengths.shape:
             raise StoreError(f"{what}: ids has {ids.shape[0]} entries but lengths has {lengths.shape[0]}; pass one target length per id")
         if ids.size == 0:
             return
@@ -388,6 +389,8 @@ class _Core:
                 f"{what}: sentence id {int(ids[i])} is out of range: the store at {self.path} holds {self.num_sentences} "
                 f"sentences (ids 0..{self.num_sentences - 1}). Only training-set ids may be stored; if the training set "
                 f"changed, " + _HINT_DIR.format(path=self.path))
+        if lengths is None:
+            return
         stored = self.lengths[ids]
         bad = stored != lengths
         if bad.any():
@@ -783,7 +786,7 @@ class TopKStore:
         return int(epoch)
 
     # ---------------------------------------------------------------- read
-    def read(self, epoch: int, ids, lengths, max_len: Optional[int] = None):
+    def read(self, epoch: int, ids, lengths=None, max_len: Optional[int] = None):
         """Priors for the batch: what epoch ``epoch - 1`` wrote for these sentences.
 
         Returns CPU tensors ``indices`` int64 (B, T, k), ``probs`` float32 (B, T, k) and
@@ -792,13 +795,16 @@ class TopKStore:
         queued (only when reading the buffer the current epoch writes, e.g. read(t + 1)
         right after write(t)), they are applied first; the normal read(t) during epoch t
         reads the other buffer and never waits. Pass CPU ids/lengths: CUDA ones force a sync.
+        ``lengths=None`` takes the stored lengths (the training set's own) after the id check.
         """
         self._check_open()
         epoch = self._check_epoch(epoch)
         self._raise_writer_error()
         ids = _as_numpy_1d_int(ids, "ids")
-        lengths = _as_numpy_1d_int(lengths, "lengths")
+        lengths = None if lengths is None else _as_numpy_1d_int(lengths, "lengths")
         self._core.check_batch(ids, lengths, f"read(epoch={epoch})")
+        if lengths is None:
+            lengths = self._core.lengths[ids].astype(np.int64)
         longest = int(lengths.max()) if lengths.size else 0
         if max_len is None:
             width = longest
