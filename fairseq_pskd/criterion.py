@@ -53,7 +53,7 @@ from omegaconf import II
 
 logger = logging.getLogger(__name__)
 
-REMAINDER_CHOICES = ChoiceEnum(["uniform", "renormalize"])
+REMAINDER_CHOICES = ChoiceEnum(["uniform", "renormalize", "current"])
 STORE_SYNC_CHOICES = ChoiceEnum(["shared", "all_gather"])
 
 
@@ -87,8 +87,9 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     pskd_remainder: REMAINDER_CHOICES = field(
         default="uniform",
         metadata={"help": "probability mass outside the stored top-k: 'uniform' spreads "
-                          "1 - sum(top-k) evenly over the other tokens; 'renormalize' "
-                          "rescales the top-k to sum to 1"},
+                          "1 - sum(top-k) evenly over the other tokens; 'current' spreads it "
+                          "in proportion to the current model's own (detached) probabilities "
+                          "of those tokens; 'renormalize' rescales the top-k to sum to 1"},
     )
     save_dir: str = II("checkpoint.save_dir")
     max_epoch: int = II("optimization.max_epoch")
@@ -108,8 +109,11 @@ def pskd_loss(lprobs, target, alpha, epsilon, prior_indices=None, prior_probs=No
         prior_indices, prior_probs: (N, k) stored top-k of the previous epoch's
             distribution (None: no prior for any token).
         prior_mask: (N,) bool, True where the token has a prior.
-        remainder: what the mass 1 - sum(prior_probs) means: "uniform" spreads it over
-            the V - k other tokens, "renormalize" drops it and rescales the top-k.
+        remainder: what the mass r = 1 - sum(prior_probs) means: "uniform" spreads it over
+            the V - k other tokens; "current" spreads it over them in proportion to the
+            current model's own probabilities pi = exp(lprobs), detached (the target asks
+            the tail to hold r and leaves its shape to the model); "renormalize" drops it
+            and rescales the top-k.
         ignore_index: padding index (those tokens contribute 0).
 
     Returns:
@@ -141,9 +145,11 @@ def _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices, prior_probs
     """Per-token -sum_v q_v log p_v without materialising q.
 
     Every term is a weight times the log-prob of a known column (the gold token, the k stored
-    tokens) or a weight times sum_v log p_v (label smoothing's eps / (V-1), the uniform
-    remainder r / (V-k)): one gather of 1 + k columns and one row sum, the same
-    vocabulary-sized work as label smoothing, forward and backward.
+    tokens) or a weight times a sum over the vocabulary: sum_v log p_v (label smoothing's
+    eps / (V-1), the uniform remainder r / (V-k)) and, for the "current" remainder,
+    sum_{v not in K} pi_v log p_v / sum_{v not in K} pi_v. So one gather of 1 + k columns
+    plus one row sum, the same vocabulary-sized work as label smoothing (plus one weighted
+    row sum for "current"), forward and backward.
     """
     n, vocab = lprobs.shape
     eps_i = epsilon / (vocab - 1)
@@ -152,15 +158,20 @@ def _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices, prior_probs
     zeros = lprobs.new_zeros(n)
     topk_mass = torch.where(prior_mask, probs.sum(-1), zeros)
     a = alpha * prior_mask.to(lprobs.dtype)
+    # float16 top-k sums can exceed 1 by rounding: no negative remainder
+    mass_left = (1.0 - topk_mass).clamp_min(0.0)
+    tail = zeros  # the "current" remainder's weighted row sum (0 in the other modes)
     if remainder == "renormalize":
         weights = probs / topk_mass.clamp_min(1e-12).unsqueeze(-1)
         rest = zeros
     elif remainder == "uniform":
-        # float16 top-k sums can exceed 1 by rounding: no negative remainder
-        rest = (1.0 - topk_mass).clamp_min(0.0) / (vocab - k) if vocab > k else zeros
+        rest = mass_left / (vocab - k) if vocab > k else zeros
         weights = probs - rest.unsqueeze(-1)  # the row-sum term counts the top-k columns too
+    elif remainder == "current":
+        weights, rest = probs, zeros
+        tail = mass_left * _tail_mean_log_prob(lprobs, prior_indices)
     else:
-        raise ValueError(f"unknown remainder mode {remainder!r}: use uniform or renormalize")
+        raise ValueError(f"unknown remainder mode {remainder!r}: use uniform, current or renormalize")
     columns = torch.cat([target.unsqueeze(1), prior_indices.long()], 1)
     coef = torch.cat([((1.0 - a) * (1.0 - epsilon - eps_i)).unsqueeze(1), a.unsqueeze(1) * weights], 1)
     coef_all = (1.0 - a) * eps_i + a * rest
@@ -169,7 +180,25 @@ def _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices, prior_probs
     weighted = torch.where(coef != 0, coef * picked, torch.zeros_like(picked)).sum(1)
     row_sum = lprobs.sum(-1)
     weighted = weighted + torch.where(coef_all != 0, coef_all * row_sum, zeros)
+    weighted = weighted + torch.where(a != 0, a * tail, zeros)
     return -weighted, -picked[:, 0], topk_mass
+
+
+def _tail_mean_log_prob(lprobs, prior_indices):
+    """sum_{v not in K} pi_v log p_v / sum_{v not in K} pi_v per row, pi = exp(lprobs) detached.
+
+    The tail's weights are zeroed at the stored columns K and normalised before the product
+    (each <= 1), so a tail the model holds almost no mass on stays finite: 1 - sum_K pi would
+    cancel catastrophically there. An empty tail (k = V, or all mass on K) gives 0.
+    """
+    with torch.no_grad():
+        pi = lprobs.detach().exp()
+        pi.scatter_(1, prior_indices.long(), 0.0)
+        tail_mass = pi.sum(-1, keepdim=True)
+        pi = torch.where(tail_mass > 0, pi / tail_mass.clamp_min(torch.finfo(pi.dtype).tiny),
+                         torch.zeros_like(pi))
+    # a batched dot product: no (N, V) product tensor; the gradient w.r.t. lprobs is pi
+    return torch.bmm(pi.unsqueeze(1), lprobs.unsqueeze(2)).view(-1)
 
 
 # ---- data-parallel helpers ---------------------------------------------------------------
@@ -397,8 +426,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         vocab = len(task.target_dictionary)
         if self.topk > vocab:
             raise ValueError(f"--pskd-topk {self.topk} exceeds the target vocabulary ({vocab})")
-        if self.remainder not in ("uniform", "renormalize"):
-            raise ValueError(f"--pskd-remainder must be uniform or renormalize, got {self.remainder}")
+        if self.remainder not in ("uniform", "current", "renormalize"):
+            raise ValueError(f"--pskd-remainder must be uniform, current or renormalize, "
+                             f"got {self.remainder}")
         if (cfg.max_epoch or 0) > 0:
             self.schedule = "epoch"
         elif (cfg.max_update or 0) > 0:

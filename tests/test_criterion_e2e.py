@@ -155,3 +155,19 @@ def test_store_from_another_dataset_is_refused(uninterrupted, tmp_path):
                                            save / "pskd_store"), check=False)
     assert proc.returncode != 0
     assert "another dataset" in proc.stdout or "fingerprint" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_current_remainder_through_fairseq_train(uninterrupted, toy_data_bin, tmp_path):
+    """--pskd-remainder current trains through the CLI: the same epoch 1 as uniform (no prior
+    yet), then a different loss from epoch 2 on (the tail's shape is the model's, not flat),
+    with finite losses and full coverage."""
+    _, uniform_log = uninterrupted
+    proc = run_fairseq("train", *pskd_args(toy_data_bin, tmp_path / "cur", 4,
+                                           "--pskd-remainder", "current"))
+    assert "remainder=current" in proc.stdout
+    cur, uni = epoch_stats(proc.stdout), epoch_stats(uniform_log)
+    assert sorted(cur) == sorted(uni) == [1, 2, 3, 4]
+    assert cur[1]["loss"] == uni[1]["loss"]
+    for e in (2, 3, 4):
+        assert cur[e]["pskd_coverage"] >= 0.99
+        assert cur[e]["loss"] == cur[e]["loss"] and cur[e]["loss"] != uni[e]["loss"], (e, cur[e], uni[e])

@@ -48,6 +48,10 @@ def dense_loss(lprobs, target, alpha, eps, idx, probs, has, pad, remainder="unif
     if remainder == "uniform":
         prior += ((1 - probs.sum(-1)).clamp_min(0) / (vocab - idx.size(1))).unsqueeze(1)
         prior.scatter_(1, idx, probs)
+    elif remainder == "current":  # the tail follows the current model's own distribution
+        pi = lprobs.detach().exp().scatter(1, idx, 0.0)
+        prior = (1 - probs.sum(-1)).clamp_min(0).unsqueeze(1) * pi / pi.sum(-1, keepdim=True)
+        prior.scatter_(1, idx, probs)
     else:
         prior.scatter_(1, idx, probs / probs.sum(-1, keepdim=True))
     a = alpha * has.float().unsqueeze(1)
@@ -55,10 +59,11 @@ def dense_loss(lprobs, target, alpha, eps, idx, probs, has, pad, remainder="unif
     return (-(q * lprobs).sum(-1)).masked_fill(target.eq(pad), 0).sum()
 
 
-@pytest.mark.parametrize("prefix", [0, 1])
-def test_priors_written_read_and_trained_against(toy_data_bin, tmp_path, prefix):
+@pytest.mark.parametrize("prefix,remainder", [(0, "uniform"), (1, "uniform"), (1, "current")])
+def test_priors_written_read_and_trained_against(toy_data_bin, tmp_path, prefix, remainder):
     task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8", "--pskd-topk", "4",
-                              "--label-smoothing", "0.1", "--ignore-prefix-size", prefix)
+                              "--label-smoothing", "0.1", "--ignore-prefix-size", prefix,
+                              "--pskd-remainder", remainder)
     opt = BackwardOnly()
     pad = task.target_dictionary.pad()
     model.train()
@@ -98,7 +103,7 @@ def test_priors_written_read_and_trained_against(toy_data_bin, tmp_path, prefix)
     lp = lp[:, prefix:]
     ref = dense_loss(lp.reshape(-1, lp.size(-1)), tgt.reshape(-1), 0.4, 0.1,
                      idx[:, prefix:].reshape(-1, 4), probs[:, prefix:].reshape(-1, 4),
-                     has.unsqueeze(1).expand_as(tgt).reshape(-1), pad)
+                     has.unsqueeze(1).expand_as(tgt).reshape(-1), pad, remainder)
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-4)
     n_tok = int(tgt.ne(pad).sum())
     assert int(log["pskd_covered"]) == n_tok == int(log["pskd_ntokens"])

@@ -20,14 +20,22 @@ def dense_reference(logits, target, alpha, eps, prior_dense, prior_mask, pad=PAD
     return per_token.masked_fill(target.eq(pad), 0.0).sum()
 
 
-def densify(idx, probs, vocab, remainder):
-    """The dense distribution a stored top-k stands for, in either remainder mode."""
+def densify(idx, probs, vocab, remainder, logits=None):
+    """The dense distribution a stored top-k stands for, in each remainder mode ("current"
+    needs the current model's logits: the tail follows its softmax)."""
     n, k = idx.shape
     dense = torch.zeros(n, vocab)
     if remainder == "uniform" and vocab > k:
         rest = (1 - probs.sum(-1)).clamp_min(0) / (vocab - k)
         dense += rest.unsqueeze(1)
         dense.scatter_(1, idx, probs)
+    elif remainder == "current":
+        # P~_v = r * pi_v / sum_{u not in K} pi_u outside K, the stored p_v inside K
+        pi = torch.softmax(logits.detach().float(), -1).scatter(1, idx, 0.0)
+        r = (1 - probs.float().sum(-1)).clamp_min(0)
+        tail = pi.sum(-1, keepdim=True)
+        dense = torch.where(tail > 0, r.unsqueeze(1) * pi / tail, torch.zeros_like(pi))
+        dense.scatter_(1, idx, probs.float())
     else:
         dense.scatter_(1, idx, probs / probs.sum(-1, keepdim=True))
     return dense
@@ -58,7 +66,7 @@ def run_dense(logits, target, alpha, eps, dense, mask):
     return loss.detach(), x.grad
 
 
-@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+@pytest.mark.parametrize("remainder", ["uniform", "current", "renormalize"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("alpha", [0.3, 0.8, 1.0])
 def test_full_k_matches_dense_reference(remainder, eps, alpha):
@@ -71,14 +79,16 @@ def test_full_k_matches_dense_reference(remainder, eps, alpha):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+@pytest.mark.parametrize("remainder", ["uniform", "current", "renormalize"])
 @pytest.mark.parametrize("k", [1, 4, 8])
 def test_small_k_is_exact_for_the_distribution_it_stands_for(remainder, k):
-    """With k < V the loss is exactly the dense loss of the densified top-k (no hidden approximation)."""
+    """With k < V the loss is exactly the dense loss of the densified top-k (no hidden
+    approximation); for "current" the gradient also matches a target built with a detached
+    softmax, i.e. no gradient flows through the tail's shape."""
     logits, target, teacher, mask = make_case()
     probs, idx = teacher.topk(k, -1)
     loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, remainder)
-    dense = densify(idx, probs, logits.size(1), remainder)
+    dense = densify(idx, probs, logits.size(1), remainder, logits)
     ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1, dense, mask)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
@@ -143,7 +153,7 @@ def test_padding_contributes_nothing():
     assert torch.all(per_tok[~keep] == 0)
 
 
-@pytest.mark.parametrize("remainder", ["uniform", "renormalize"])
+@pytest.mark.parametrize("remainder", ["uniform", "current", "renormalize"])
 def test_float16_priors_and_zero_probabilities_stay_finite(remainder):
     """fp16 priors (exact zeros from underflow, rounded sums above 1) against a near-impossible
     token (log-prob -1e4, what a float16 logit at its limit gives): no NaN or inf."""
@@ -162,3 +172,44 @@ def test_float16_priors_and_zero_probabilities_stay_finite(remainder):
     assert torch.isfinite(loss) and torch.isfinite(nll) and torch.isfinite(mass)
     loss.backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_current_remainder_keeps_the_tail_shape_of_the_current_model():
+    """The defining property: "current" asks the tail to hold the mass r and leaves its shape
+    to the model. A model whose top-k equals the prior (so its tail already holds r) gets no
+    gradient from the prior at all; the uniform tail would still pull its tail flat."""
+    n, vocab, k = 5, 13, 3
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(n, vocab, generator=g)
+    p = torch.softmax(logits, -1)
+    probs, idx = p.topk(k, -1)  # the prior is the current model itself, cut to top-k
+    target = torch.randint(2, vocab, (n,), generator=g)
+    mask = torch.ones(n, dtype=torch.bool)
+    # a = 1, no label smoothing: q = P~ = p exactly, so the gradient of CE(q, p) is p - q = 0
+    _, _, grad = run_pskd(logits, target, 1.0, 0.0, idx, probs, mask, "current")
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+    # the uniform tail is not: it pulls the tail towards flat
+    _, _, grad_u = run_pskd(logits, target, 1.0, 0.0, idx, probs, mask, "uniform")
+    assert grad_u.abs().max() > 1e-3
+
+
+def test_current_remainder_edge_cases_are_finite_and_exact():
+    """r = 0 (the top-k holds all the mass), a tail the model gives no mass at all (float32
+    underflow: the tail's mass is dropped, never 0/0), rows without prior and padding."""
+    n, vocab, k = 6, 9, 3
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(n, vocab, generator=g)
+    logits[1, 3:] = -200.0  # every tail token underflows to probability exactly 0
+    idx = torch.tensor([[0, 1, 2]] * n)
+    probs = torch.tensor([[0.5, 0.3, 0.1]] * n)
+    probs[0] = torch.tensor([0.5, 0.3, 0.2])  # r = 0
+    target = torch.tensor([4, 5, 0, 6, 7, PAD])
+    mask = torch.tensor([True, True, True, False, True, True])
+    loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    dense = densify(idx, probs, vocab, "current", logits)
+    assert dense[1, 3:].sum() == 0  # nothing to follow: the tail's mass is dropped
+    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1, dense, mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(grad[5] == 0)  # padding
