@@ -1,7 +1,8 @@
 """Training throughput and peak memory: label_smoothed_cross_entropy vs PS-KD, side by side.
 
     python benchmarks/throughput.py --data-bin DATA_BIN [--topk 1 8 32] [--rounds 3]
-        [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--inline-topk] [--json OUT]
+        [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--inline-topk]
+        [--remainder uniform current] [--json OUT]
 
 Each measurement is a fresh process that builds the same model (same seed) with fairseq's own
 Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the training set
@@ -13,7 +14,8 @@ per update, the criterion's own cost, which is less noisy than the whole step's)
 configurations alternate within each round (baseline, pskd k=..., then reversed) so that a
 noisy machine slows them alike; each ratio is the median of the per-round ratios.
 --inline-topk (CPU) adds, for each k, a run with the top-k on the training thread instead of
-the criterion's helper thread. PS-KD is measured in epoch 2, where it reads priors and writes
+the criterion's helper thread. --remainder measures each k with each --pskd-remainder mode
+(default: uniform only). PS-KD is measured in epoch 2, where it reads priors and writes
 new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
 values written straight into the store), so every read finds one and does the full gather,
 transfer and soft-target loss, as in a real run.
@@ -57,7 +59,8 @@ def worker(args):
     with tempfile.TemporaryDirectory() as save_dir:
         k = abs(args.topk)  # negative: the same k with the top-k on the training thread (CPU)
         crit = (["--criterion", "label_smoothed_cross_entropy"] if k == 0 else
-                ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(k)])
+                ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(k),
+                 "--pskd-remainder", args.remainder_one])
         device = ["--fp16"] if args.fp16 else (["--cpu"] if args.cpu else [])
         parser = options.get_training_parser()
         targs = options.parse_args_and_arch(parser, [
@@ -200,13 +203,24 @@ def fill_priors(store, epoch, chunk=2048):
     store.flush()
 
 
-def config_name(k):
-    return "baseline" if k == 0 else f"pskd k={k}" if k > 0 else f"pskd k={-k} inline"
+def config_name(config):
+    k, remainder = config
+    if k == 0:
+        return "baseline"
+    name = f"pskd k={abs(k)}" + ("" if remainder == "uniform" else f" {remainder}")
+    return name + (" inline" if k < 0 else "")
 
 
-def measure(args, topk):
+def config_key(config):
+    """JSON key of a configuration: k (uniform remainder), or k/remainder."""
+    k, remainder = config
+    return str(k) if k == 0 or remainder == "uniform" else f"{k}/{remainder}"
+
+
+def measure(args, config):
+    topk, remainder = config
     cmd = [sys.executable, __file__, "--_worker", "--data-bin", args.data_bin, "--topk-one", str(topk),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--remainder-one", remainder, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--fp16"] if args.fp16 else []
     cmd += ["--cpu"] if args.cpu else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -230,73 +244,78 @@ def main():
     p.add_argument("--cpu", action="store_true", help="force the CPU")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--json", help="write all measurements and ratios here")
+    p.add_argument("--remainder", nargs="+", default=["uniform"],
+                   choices=["uniform", "current", "renormalize"],
+                   help="--pskd-remainder modes to measure for each k (default: uniform)")
     p.add_argument("--inline-topk", action="store_true",
                    help="CPU: also measure each k with the top-k on the training thread instead of "
                         "the criterion's helper thread (what the helper saves)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--topk-one", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--remainder-one", default="uniform", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="-- then extra fairseq-train arguments")
     args = p.parse_args()
     if args._worker:
         args.topk = args.topk_one
         return worker(args)
 
-    # 0 = baseline; -k = k with the CPU top-k on the training thread (--inline-topk)
-    configs = [0, *args.topk, *([-k for k in args.topk] if args.inline_topk else [])]
-    runs = {k: [] for k in configs}
+    # (k, remainder); k = 0: baseline; -k: k with the CPU top-k on the training thread (--inline-topk)
+    configs = [(0, "uniform"), *[(k, rem) for k in args.topk for rem in args.remainder],
+               *([(-k, args.remainder[0]) for k in args.topk] if args.inline_topk else [])]
+    base = configs[0]
+    runs = {c: [] for c in configs}
     for r in range(args.rounds):
         order = configs if r % 2 == 0 else configs[::-1]  # alternate the order too
-        for k in order:
-            res = measure(args, k)
-            if k and not (res.get("pskd_coverage") or 0) >= 0.99:
-                raise SystemExit(f"pskd k={k}: only {res.get('pskd_coverage')} of the timed tokens "
+        for c in order:
+            res = measure(args, c)
+            name = config_name(c)
+            if c != base and not (res.get("pskd_coverage") or 0) >= 0.99:
+                raise SystemExit(f"{name}: only {res.get('pskd_coverage')} of the timed tokens "
                                  "had a prior; the measurement would miss the read path")
-            runs[k].append(res)
-            name = config_name(k)
-            print(f"round {r + 1}/{args.rounds} {name:<18} {res['wps']:8.0f} wps  "
+            runs[c].append(res)
+            print(f"round {r + 1}/{args.rounds} {name:<24} {res['wps']:8.0f} wps  "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB"
                   + (f"  peak CUDA {res['peak_cuda_mb']:.0f} MB, {res['criterion_syncs']} syncs in "
                      f"the loss ({res['criterion_sync_example'] or '-'})" if "peak_cuda_mb" in res else "")
                   + (f"  loss {res['loss_ms_per_step']:.0f} ms/update" if res.get("loss_ms_per_step") else "")
-                  + (f"  prior coverage {res['pskd_coverage']:.3f}" if k else ""),
+                  + (f"  prior coverage {res['pskd_coverage']:.3f}" if c != base else ""),
                   flush=True)
 
-    def med(k, key):
-        return statistics.median(x[key] for x in runs[k])
+    def med(c, key):
+        return statistics.median(x[key] for x in runs[c])
 
-    # ratio per round (configs measured next to each other), then the median over rounds
+    def ratio(c, key):  # per round (configurations measured next to each other), then the median
+        return statistics.median(a[key] / b[key] for a, b in zip(runs[c], runs[base]))
+
     summary = []
-    for k in configs:
-        row = {"config": config_name(k), "topk": k,
-               "wps": med(k, "wps"), "peak_rss_mb": med(k, "peak_rss_mb")}
-        if k:
-            row["ratio_wps"] = statistics.median(a["wps"] / b["wps"] for a, b in zip(runs[k], runs[0]))
-            row["ratio_rss"] = statistics.median(a["peak_rss_mb"] / b["peak_rss_mb"]
-                                                 for a, b in zip(runs[k], runs[0]))
-        if runs[k][0].get("loss_ms_per_step"):
-            row["loss_ms_per_step"] = med(k, "loss_ms_per_step")
-            if k:
-                row["ratio_loss"] = statistics.median(a["loss_ms_per_step"] / b["loss_ms_per_step"]
-                                                      for a, b in zip(runs[k], runs[0]))
-        if "peak_cuda_mb" in runs[k][0]:
-            row["peak_cuda_mb"] = med(k, "peak_cuda_mb")
-            if k:
-                row["ratio_cuda_mem"] = statistics.median(
-                    a["peak_cuda_mb"] / b["peak_cuda_mb"] for a, b in zip(runs[k], runs[0]))
+    for c in configs:
+        row = {"config": config_name(c), "topk": c[0], "remainder": c[1] if c != base else None,
+               "wps": med(c, "wps"), "peak_rss_mb": med(c, "peak_rss_mb")}
+        if c != base:
+            row["ratio_wps"] = ratio(c, "wps")
+            row["ratio_rss"] = ratio(c, "peak_rss_mb")
+        if runs[c][0].get("loss_ms_per_step"):
+            row["loss_ms_per_step"] = med(c, "loss_ms_per_step")
+            if c != base:
+                row["ratio_loss"] = ratio(c, "loss_ms_per_step")
+        if "peak_cuda_mb" in runs[c][0]:
+            row["peak_cuda_mb"] = med(c, "peak_cuda_mb")
+            if c != base:
+                row["ratio_cuda_mem"] = ratio(c, "peak_cuda_mb")
         summary.append(row)
     print()
-    print(f"{'config':<18} {'wps':>8} {'ratio X':>8} {'peak RSS MB':>12} {'RSS ratio':>10}"
+    print(f"{'config':<24} {'wps':>8} {'ratio X':>8} {'peak RSS MB':>12} {'RSS ratio':>10}"
           + (f" {'loss ms/upd':>12} {'loss ratio':>10}" if "loss_ms_per_step" in summary[0] else ""))
     for row in summary:
-        print(f"{row['config']:<18} {row['wps']:8.0f} {row.get('ratio_wps', 1.0):8.3f} "
+        print(f"{row['config']:<24} {row['wps']:8.0f} {row.get('ratio_wps', 1.0):8.3f} "
               f"{row['peak_rss_mb']:12.0f} {row.get('ratio_rss', 1.0):10.3f}"
               + (f" {row['loss_ms_per_step']:12.0f} {row.get('ratio_loss', 1.0):10.3f}"
                  if "loss_ms_per_step" in row else "")
               + (f"  peak CUDA {row['peak_cuda_mb']:.0f} MB (ratio {row.get('ratio_cuda_mem', 1.0):.3f})"
                  if "peak_cuda_mb" in row else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "summary": summary, "args": vars(args)},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"runs": {config_key(c): v for c, v in runs.items()},
+                                               "summary": summary, "args": vars(args)}, indent=2))
 
 
 if __name__ == "__main__":

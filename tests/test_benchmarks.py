@@ -12,17 +12,21 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
     out = tmp_path / "throughput.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data-bin", str(toy_data_bin),
-         "--topk", "2", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
+         "--topk", "2", "--remainder", "uniform", "current", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
          "--json", str(out), "--", "--max-tokens", "100"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "ratio X" in proc.stdout and "pskd k=2" in proc.stdout
+    assert "ratio X" in proc.stdout and "pskd k=2 " in proc.stdout and "pskd k=2 current" in proc.stdout
     result = json.loads(out.read_text())
     pskd = result["runs"]["2"][0]
     assert pskd["pskd_coverage"] == 1.0  # every timed token was trained against a stored prior
     assert pskd["loss_ms_per_step"] > 0 and "ratio_loss" in next(r for r in result["summary"] if r["topk"] == 2)
     assert pskd["peak_rss_mb"] > 0 and pskd["peak_rss_scope"] in ("timed steps", "whole process")
     assert result["runs"]["0"][0]["pskd_coverage"] is None  # the baseline has no PS-KD metrics
-    row = next(r for r in result["summary"] if r["topk"] == 2)
+    row = next(r for r in result["summary"] if r["topk"] == 2 and r["remainder"] == "uniform")
     assert row["ratio_wps"] == pskd["wps"] / result["runs"]["0"][0]["wps"]
+    current = result["runs"]["2/current"][0]
+    assert current["pskd_coverage"] == 1.0 and current["loss_ms_per_step"] > 0
+    row = next(r for r in result["summary"] if r["remainder"] == "current")
+    assert row["ratio_loss"] == current["loss_ms_per_step"] / result["runs"]["0"][0]["loss_ms_per_step"]
