@@ -288,9 +288,14 @@ def cmd_score(args):
         if not hyps:
             raise EvaluationError(f"no H-<id> lines in {args.generate_output}; is it fairseq-generate output?")
         if len(hyps) != len(refs):
+            hint = ""
+            if len(hyps) < len(refs) and len(refs) - len(hyps) < 8:
+                hint = ("; fairseq-generate leaves out the last sentences of a set whose size is "
+                        "not a multiple of --required-batch-size-multiple (default 8): decode with "
+                        "--required-batch-size-multiple 1")
             raise EvaluationError(
                 f"{len(hyps)} hypotheses in {args.generate_output} but {len(refs)} reference lines "
-                f"in {args.ref}")
+                f"in {args.ref}{hint}")
         if ids != list(range(len(refs))):
             missing = sorted(set(range(len(refs))) - set(ids))[:10]
             raise EvaluationError(f"hypothesis ids are not 0..{len(refs) - 1}; missing e.g. {missing}")

@@ -177,7 +177,10 @@ def run(args):
                      "--source-lang", src, "--target-lang", tgt, "--path", str(ckpt),
                      "--gen-subset", subset, "--beam", str(args.beam), "--lenpen", str(args.lenpen),
                      "--batch-size", str(args.batch_size), "--post-process", "sentencepiece",
-                     *device], stdout=f, stderr=subprocess.PIPE, text=True, env=env)
+                     # fairseq 0.12 drops the last sentences of a set whose size is not a
+                     # multiple of this (default 8; docs/EVALUATION.md): decode every one
+                     "--required-batch-size-multiple", "1", *device],
+                    stdout=f, stderr=subprocess.PIPE, text=True, env=env)
             if proc.returncode != 0:
                 raise ExperimentError(f"fairseq-generate failed:\n{proc.stderr[-3000:]}")
             os.replace(tmp, gen)

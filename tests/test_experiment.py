@@ -1,8 +1,11 @@
-"""experiment run: a rerun never resumes or re-scores checkpoints trained with other arguments."""
+"""experiment run: a rerun never resumes or re-scores checkpoints trained with other arguments;
+every test sentence is decoded and calibrated."""
 import json
+import shutil
 
 import pytest
 
+from conftest import TINY_ARCH, TINY_TRAIN, binarize, make_toy_corpus
 from fairseq_pskd import experiment
 
 
@@ -49,3 +52,28 @@ def test_same_arguments_pass_and_are_recorded(tmp_path):
     (fresh / "train_args.json").write_text(json.dumps(["--max-epoch", "3"]))
     experiment._check_same_training(fresh, fresh / "checkpoints", ["--max-epoch", "4"])
     assert json.loads((fresh / "train_args.json").read_text()) == ["--max-epoch", "4"]
+
+
+def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path):
+    """29 test sentences (not a multiple of fairseq's default --required-batch-size-multiple 8,
+    which would leave out 5 of them): all 29 are translated, scored and calibrated."""
+    raw = make_toy_corpus(tmp_path / "raw", n_train=64, n_valid=8, n_test=29, seed=3)
+    prepared = tmp_path / "prepared"
+    binarize(raw, prepared / "data-bin")
+    (prepared / "ref").mkdir()
+    shutil.copy(raw / "test.tgt", prepared / "ref" / "test.tgt")
+    (prepared / "prepare.json").write_text(json.dumps({"corpus": "toy", "src": "src", "tgt": "tgt",
+                                                      "data_bin": "data-bin"}))
+    out = tmp_path / "run"
+    code = experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--beam", "1",
+                            "--cpu", "--", *TINY_ARCH, *TINY_TRAIN, "--max-epoch", "1",
+                            "--criterion", "label_smoothed_cross_entropy"])
+    assert code == 0
+    hyp_ids = [line.split("\t")[0] for line in (out / "generate.test.txt").read_text().splitlines()
+               if line.startswith("H-")]
+    assert sorted(int(h[2:]) for h in hyp_ids) == list(range(29))
+    result = json.loads((out / "results.json").read_text())["tests"]["test"]
+    assert result["sentences"] == 29
+    calib = json.loads((out / "calibration.test.json").read_text())
+    n_target_tokens = sum(len(line.split()) + 1 for line in (raw / "test.tgt").read_text().splitlines())
+    assert calib["num_sentences"] == 29 and calib["num_tokens"] == n_target_tokens  # + EOS each

@@ -432,7 +432,8 @@ def run(source: Source, opt: Options) -> dict:
         "tools": versions,
         "evaluate": (
             f"fairseq-generate {out / 'data-bin'} -s {src} -t {tgt} --gen-subset test "
-            "--path CHECKPOINT --beam 5 --post-process sentencepiece | grep '^H-' | sort -V "
+            "--path CHECKPOINT --beam 5 --post-process sentencepiece --required-batch-size-multiple 1 "
+            "| grep '^H-' | sort -V "
             f"| cut -f3 | python -m fairseq_pskd.prepare detokenize --lang {tgt} "
             f"| sacrebleu {out / 'ref' / ('test.' + tgt)}"
         ),
