@@ -2,6 +2,7 @@
 
     python -m fairseq_pskd.experiment run --prepared DATA --out RUN_DIR [--average-last N]
         [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
+    python -m fairseq_pskd.experiment score RUN_DIR --src RAW.SRC --ref RAW.TGT [--cpu]
     python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown]
 
 ``DATA`` is what scripts/prepare-*.sh wrote (data-bin/, ref/, prepare.json). Every recipe
@@ -11,6 +12,8 @@ checkpoint_last.pt (and returns at once when training is complete); the later st
 skipped when their output exists and is newer than the checkpoint they read. A rerun must
 give the same fairseq-train arguments (recorded in RUN_DIR/train_args.json): otherwise it stops
 with an error instead of resuming, or re-scoring, checkpoints trained with other ones.
+``score`` decodes and scores any raw test set with a finished run, through the same
+preprocessing, checkpoint and decoding settings (output in RUN_DIR/score-NAME).
 """
 import argparse
 import difflib
@@ -156,54 +159,18 @@ def run(args):
 
     results = {
         "name": args.name or out.name, "corpus": manifest.get("corpus"), "src": src, "tgt": tgt,
+        "prepared": str(prepared),
         "checkpoint": str(ckpt), "average_last": args.average_last,
         "beam": args.beam, "lenpen": args.lenpen, "max_epoch": _max_epoch_of(train_args),
         "train_args": train_args, "train_command": " ".join(map(shlex.quote, map(str, train_cmd))),
         "hardware": hardware(), "fairseq_pskd": __version__, "tests": {},
     }
-    device = ["--cpu"] if args.cpu else []
     for subset in args.test_subsets.split(","):
         ref = prepared / "ref" / f"{subset}.{tgt}"
         if not ref.exists():
             raise ExperimentError(f"reference {ref} not found")
-        # 3. beam search; --post-process sentencepiece gives Moses-tokenised text
-        gen = out / f"generate.{subset}.txt"
-        if not _fresh(gen, ckpt):
-            tmp = gen.with_suffix(".tmp")
-            with open(tmp, "w") as f:
-                log(f"generating {subset} (beam {args.beam})")
-                proc = subprocess.run(
-                    [py, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", USER_DIR,
-                     "--source-lang", src, "--target-lang", tgt, "--path", str(ckpt),
-                     "--gen-subset", subset, "--beam", str(args.beam), "--lenpen", str(args.lenpen),
-                     "--batch-size", str(args.batch_size), "--post-process", "sentencepiece",
-                     # fairseq 0.12 drops the last sentences of a set whose size is not a
-                     # multiple of this (default 8; docs/EVALUATION.md): decode every one
-                     "--required-batch-size-multiple", "1", *device],
-                    stdout=f, stderr=subprocess.PIPE, text=True, env=env)
-            if proc.returncode != 0:
-                raise ExperimentError(f"fairseq-generate failed:\n{proc.stderr[-3000:]}")
-            os.replace(tmp, gen)
-        # 4. detokenised sacrebleu BLEU / chrF against the raw reference
-        score = out / f"score.{subset}.json"
-        if not _fresh(score, gen):
-            _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
-                  "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
-                 out / "eval.log", env)
-        # 5. teacher-forced calibration: ECE, NLL, AURC, reliability diagram
-        calib = out / f"calibration.{subset}.json"
-        if not _fresh(calib, ckpt):
-            _run([py, "-m", "fairseq_pskd.evaluate", "calibration", "--data-bin", data_bin,
-                  "--path", ckpt, "--subset", subset, "--bins", args.bins,
-                  "--png", out / f"reliability.{subset}.png", "--title", f"{results['name']} ({subset})",
-                  "--json", calib, *device], out / "eval.log", env)
-        s, c = json.loads(score.read_text()), json.loads(calib.read_text())
-        results["tests"][subset] = {
-            "bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
-            "chrf_signature": s["chrf_signature"], "ece": c["ece"], "nll": c["nll"],
-            "aurc": c["aurc"], "eaurc": c.get("eaurc"), "accuracy": c.get("accuracy"),
-            "bins": args.bins, "sentences": s["n"],
-        }
+        results["tests"][subset] = _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args,
+                                             env, title=f"{results['name']} ({subset})")
     previous = out / "results.json"
     if previous.exists():  # keep the wall time of the run that actually trained
         old = json.loads(previous.read_text())
@@ -216,6 +183,125 @@ def run(args):
     log(f"results: {previous}")
     print(format_table([results]))
     return 0
+
+
+def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
+    """Decode ``subset`` of ``data_bin`` with ``ckpt``, score it against the raw reference
+    ``ref`` and measure calibration; outputs go to ``out`` (skipped when newer than ckpt)."""
+    py = sys.executable
+    device = ["--cpu"] if args.cpu else []
+    # 1. beam search; --post-process sentencepiece gives Moses-tokenised text
+    gen = out / f"generate.{subset}.txt"
+    if not _fresh(gen, ckpt):
+        tmp = gen.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            log(f"generating {subset} (beam {args.beam})")
+            proc = subprocess.run(
+                [py, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", USER_DIR,
+                 "--source-lang", src, "--target-lang", tgt, "--path", str(ckpt),
+                 "--gen-subset", subset, "--beam", str(args.beam), "--lenpen", str(args.lenpen),
+                 "--batch-size", str(args.batch_size), "--post-process", "sentencepiece",
+                 # fairseq 0.12 drops the last sentences of a set whose size is not a
+                 # multiple of this (default 8; docs/EVALUATION.md): decode every one
+                 "--required-batch-size-multiple", "1", *device],
+                stdout=f, stderr=subprocess.PIPE, text=True, env=env)
+        if proc.returncode != 0:
+            raise ExperimentError(f"fairseq-generate failed:\n{proc.stderr[-3000:]}")
+        os.replace(tmp, gen)
+    # 2. detokenised sacrebleu BLEU / chrF against the raw reference
+    score = out / f"score.{subset}.json"
+    if not _fresh(score, gen):
+        _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
+              "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
+             out / "eval.log", env)
+    # 3. teacher-forced calibration: ECE, NLL, AURC, reliability diagram
+    calib = out / f"calibration.{subset}.json"
+    if not _fresh(calib, ckpt):
+        _run([py, "-m", "fairseq_pskd.evaluate", "calibration", "--data-bin", data_bin,
+              "--path", ckpt, "--subset", subset, "--bins", args.bins,
+              "--png", out / f"reliability.{subset}.png", "--title", title,
+              "--json", calib, *device], out / "eval.log", env)
+    s, c = json.loads(score.read_text()), json.loads(calib.read_text())
+    return {
+        "bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
+        "chrf_signature": s["chrf_signature"], "ece": c["ece"], "nll": c["nll"],
+        "aurc": c["aurc"], "eaurc": c.get("eaurc"), "accuracy": c.get("accuracy"),
+        "bins": args.bins, "sentences": s["n"],
+    }
+
+
+def score(args):
+    """Score a finished run on any raw parallel text: the run's own preprocessing (the
+    prepared data's normalisation, Moses tokenisation, sentencepiece model and dictionary),
+    its checkpoint and decoding settings; BLEU/chrF and calibration."""
+    from .prepare import binarize, subword, text
+    from .prepare.errors import PrepareError
+
+    run_dir = Path(args.run).resolve()
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise ExperimentError(f"{results_path} not found: score needs a finished "
+                              "`experiment run` directory")
+    results = json.loads(results_path.read_text())
+    prepared = _prepared_of(results)
+    manifest = _read_manifest(prepared)
+    src, tgt = results["src"], results["tgt"]
+    data_bin = prepared / manifest.get("data_bin", "data-bin")
+    ckpt = Path(results["checkpoint"])
+    if not ckpt.exists():
+        raise ExperimentError(f"the run's checkpoint {ckpt} is gone")
+    try:
+        src_lines, ref_lines = text.read_lines(args.src), text.read_lines(args.ref)
+    except PrepareError as e:
+        raise ExperimentError(str(e)) from None
+    if not src_lines or len(src_lines) != len(ref_lines):
+        raise ExperimentError(f"{args.src} has {len(src_lines)} lines and {args.ref} "
+                              f"{len(ref_lines)}: they must be parallel and not empty")
+    name = args.name or Path(args.src).name.split(".")[0]
+    out = Path(args.out).resolve() if args.out else run_dir / f"score-{name}"
+    enc, bin_dir = out / "encoded", out / "data-bin"
+    out.mkdir(parents=True, exist_ok=True)
+    # the preprocessing of scripts/prepare-*.sh (prepare/pipeline.py), as its manifest records
+    normalize = manifest.get("text", {}).get("normalize_punctuation", True)
+    sp = subword.load(prepared / manifest["spm"]["model"])
+    for lang, lines in ((src, src_lines), (tgt, ref_lines)):
+        tok = text.tokenize_lines(lines, lang, normalize=normalize, label=f"{name}.{lang}")
+        text.write_lines(enc / f"test.{lang}", subword.encode(sp, tok))
+    text.write_lines(out / f"ref.{tgt}", map(text.squash_whitespace, ref_lines))
+    if bin_dir.exists():
+        import shutil
+        shutil.rmtree(bin_dir)
+    cmd = binarize.find_preprocess() + [
+        "--source-lang", src, "--target-lang", tgt, "--testpref", str(enc / "test"),
+        "--destdir", str(bin_dir), "--srcdict", str(data_bin / f"dict.{src}.txt"),
+        "--tgtdict", str(data_bin / f"dict.{tgt}.txt"), "--workers", "1"]
+    _run(cmd, out / "preprocess.log")
+    args.beam, args.lenpen = results["beam"], results["lenpen"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    title = f"{results['name']} ({name})"
+    scored = _evaluate(bin_dir, src, tgt, ckpt, "test", out / f"ref.{tgt}", out, args, env, title)
+    report = {"run": str(run_dir), "name": results["name"], "test_set": name,
+              "src": str(Path(args.src).resolve()), "ref": str(Path(args.ref).resolve()),
+              "checkpoint": str(ckpt), "beam": args.beam, "lenpen": args.lenpen, **scored}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{results['name']} on {name} ({scored['sentences']} sentences, beam {args.beam}, "
+          f"lenpen {args.lenpen}):")
+    print(f"BLEU = {scored['bleu']:.2f}  {scored['bleu_signature']}")
+    print(f"chrF = {scored['chrf']:.2f}  {scored['chrf_signature']}")
+    print(f"ECE {100 * scored['ece']:.2f}% ({args.bins} bins), NLL {scored['nll']:.3f}, "
+          f"AURC x1000 {1000 * scored['aurc']:.1f}")
+    log(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _prepared_of(results):
+    """The prepared-data directory a run trained on (recorded; older runs: from its command)."""
+    if results.get("prepared"):
+        return Path(results["prepared"])
+    cmd = shlex.split(results.get("train_command", ""))
+    if "fairseq_cli.train" in cmd and cmd.index("fairseq_cli.train") + 1 < len(cmd):
+        return Path(cmd[cmd.index("fairseq_cli.train") + 1]).parent
+    raise ExperimentError("the run's results.json names no prepared data directory")
 
 
 COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subset}"),
@@ -283,12 +369,21 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true", help="decode and calibrate on the CPU")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="-- then the fairseq-train arguments (model, optimiser, criterion, epochs)")
+    sc = sub.add_parser("score", help="score a finished run on raw parallel text (any test set)")
+    sc.add_argument("run", help="run directory of a finished `experiment run`")
+    sc.add_argument("--src", required=True, help="raw source text, one sentence per line (.gz ok)")
+    sc.add_argument("--ref", required=True, help="raw reference text, parallel to --src")
+    sc.add_argument("--name", help="name of the test set (default: the --src file name's stem)")
+    sc.add_argument("--out", help="output directory (default: RUN/score-NAME)")
+    sc.add_argument("--batch-size", type=int, default=128, help="sentences per decoding batch")
+    sc.add_argument("--bins", type=int, default=10, help="equal-width ECE bins (default 10)")
+    sc.add_argument("--cpu", action="store_true", help="decode and calibrate on the CPU")
     t = sub.add_parser("table", help="print the results table of finished runs")
     t.add_argument("results", nargs="+", help="results.json files")
     t.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     try:
-        return run(args) if args.command == "run" else table(args)
+        return {"run": run, "score": score, "table": table}[args.command](args)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,31 @@ def toy_data_bin(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     make_toy_corpus(root / "raw")
     return binarize(root / "raw", root / "data-bin")
+
+
+# ---- the real Multi30k data (shared/data/multi30k beside the repository clone) ------------
+
+MULTI30K_RAW = SHARED / "data" / "multi30k"
+needs_multi30k = pytest.mark.skipif(
+    not (MULTI30K_RAW / "train.de.gz").is_file(),
+    reason=f"real Multi30k data not found at {MULTI30K_RAW} (expected shared/data/multi30k "
+           "beside the clone)")
+
+
+def run_prepare_multi30k(*argv):
+    """scripts/prepare-multi30k.sh ARGV in a subprocess; returns (CompletedProcess, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "prepare-multi30k.sh"), *map(str, argv)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    return proc, time.time() - t0
+
+
+@pytest.fixture(scope="session")
+def m30k(tmp_path_factory):
+    """Multi30k De-En prepared once per session: (OUT, CompletedProcess, seconds)."""
+    out = tmp_path_factory.mktemp("multi30k") / "out"
+    proc, seconds = run_prepare_multi30k("--out", out, "--raw", MULTI30K_RAW)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    print(f"\nMulti30k prepare took {seconds:.1f}s")
+    return out, proc, seconds

@@ -1,11 +1,12 @@
 """experiment run: a rerun never resumes or re-scores checkpoints trained with other arguments;
-every test sentence is decoded and calibrated."""
+every test sentence is decoded and calibrated; `score` decodes a raw test set through the run's
+own preprocessing."""
 import json
 import shutil
 
 import pytest
 
-from conftest import TINY_ARCH, TINY_TRAIN, binarize, make_toy_corpus
+from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, binarize, make_toy_corpus, needs_multi30k
 from fairseq_pskd import experiment
 
 
@@ -77,3 +78,43 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path):
     calib = json.loads((out / "calibration.test.json").read_text())
     n_target_tokens = sum(len(line.split()) + 1 for line in (raw / "test.tgt").read_text().splitlines())
     assert calib["num_sentences"] == 29 and calib["num_tokens"] == n_target_tokens  # + EOS each
+
+
+def hypotheses(generate_output):
+    lines = [x.split("\t") for x in generate_output.read_text().splitlines() if x.startswith("H-")]
+    return [h[2] for h in sorted(lines, key=lambda h: int(h[0][2:]))]
+
+
+@needs_multi30k
+def test_score_a_raw_test_set_through_the_run_preprocessing(m30k, tmp_path):
+    """`experiment score` on the raw test_2017_mscoco files (461 sentences, not a multiple of
+    8) gives exactly the hypotheses and scores of the same set binarised by the recipe
+    (test2): the run's normalisation, tokenisation, sentencepiece model and dictionary are
+    applied, and no sentence is lost."""
+    prepared = m30k[0]
+    out = tmp_path / "run"
+    code = experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--beam", "2",
+                            "--cpu", "--test-subsets", "test2", "--", *TINY_ARCH, *TINY_TRAIN,
+                            "--max-tokens", "2000", "--max-update", "30", "--max-epoch", "1",
+                            "--criterion", "label_smoothed_cross_entropy", "--lr", "5e-3"])
+    assert code == 0
+    code = experiment.main(["score", str(out), "--cpu", "--name", "mscoco",
+                            "--src", str(MULTI30K_RAW / "test_2017_mscoco.de.gz"),
+                            "--ref", str(MULTI30K_RAW / "test_2017_mscoco.en.gz")])
+    assert code == 0
+    scored = json.loads((out / "score-mscoco" / "results.json").read_text())
+    binarised = json.loads((out / "results.json").read_text())["tests"]["test2"]
+    assert scored["sentences"] == binarised["sentences"] == 461
+    assert scored["beam"] == 2  # the run's decoding settings
+    hyps = hypotheses(out / "score-mscoco" / "generate.test.txt")
+    assert len(hyps) == 461 and len(set(hyps)) > 10  # a model that says more than one thing
+    assert hyps == hypotheses(out / "generate.test2.txt")
+    for key in ("bleu", "chrf", "bleu_signature"):
+        assert scored[key] == binarised[key], key
+    for key in ("ece", "nll", "aurc"):  # other batches: float sums in another order
+        assert scored[key] == pytest.approx(binarised[key], rel=1e-6), key
+
+
+def test_score_refuses_what_it_cannot_score(tmp_path, capsys):
+    assert experiment.main(["score", str(tmp_path), "--src", "a", "--ref", "b"]) == 2
+    assert "score needs a finished `experiment run` directory" in capsys.readouterr().err

@@ -4,36 +4,19 @@ The full preparation runs once per session through scripts/prepare-multi30k.sh (
 on 2 cores); the error cases fail in the first step and run in-process where possible.
 """
 import json
-import os
 import shutil
-import subprocess
-import time
 from pathlib import Path
-
-import pytest
 
 from fairseq_pskd.prepare import binarize, cli, subword, text
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "prepare-multi30k.sh"
-RAW = REPO.parent / "shared" / "data" / "multi30k"
+from conftest import MULTI30K_RAW as RAW
+from conftest import needs_multi30k, run_prepare_multi30k as run_script
 
-pytestmark = pytest.mark.skipif(
-    not (RAW / "train.de.gz").is_file(),
-    reason=f"real Multi30k data not found at {RAW} (expected shared/data/multi30k beside the clone)",
-)
+pytestmark = needs_multi30k
 
 PAIRS = {"train": 29000, "valid": 1014, "test": 1000, "test1": 1000, "test2": 461}
 ORIGIN = {"train": "train", "valid": "val", "test": "test_2016_flickr", "test1": "test_2017_flickr",
           "test2": "test_2017_mscoco"}
-
-
-def run_script(*argv):
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    t0 = time.time()
-    proc = subprocess.run(["bash", str(SCRIPT), *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=900)
-    return proc, time.time() - t0
 
 
 def copy_raw(dest: Path) -> Path:
@@ -41,15 +24,6 @@ def copy_raw(dest: Path) -> Path:
     for f in dest.iterdir():
         f.chmod(0o644)  # the shared copy is read-only
     return dest
-
-
-@pytest.fixture(scope="session")
-def m30k(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multi30k") / "out"
-    proc, seconds = run_script("--out", out, "--raw", RAW)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    print(f"\nMulti30k prepare took {seconds:.1f}s")
-    return out, proc, seconds
 
 
 def test_data_bin_counts(m30k):
