@@ -366,6 +366,9 @@ def pad_rows(lengths, rows):
 
 # ---- host-side sentence ids ---------------------------------------------------------------
 
+#: Largest sum of a stored top-k row read back: 1 plus float16 rounding of the k values.
+MAX_PRIOR_MASS = 1.0 + 1e-2
+
 HOST_IDS = "pskd_host_ids"  # sample key: the batch's sentence ids, int64 numpy, never on a device
 
 
@@ -394,6 +397,23 @@ def add_host_ids(dataset):
             and not isinstance(dataset.collater, CollaterWithHostIds):
         dataset.collater = CollaterWithHostIds(dataset.collater)
     return dataset
+
+
+def _nonfinite_warning(epoch, count):
+    return (f"PS-KD epoch {epoch} priors: {count} sentences skipped for non-finite values (inf/NaN "
+            f"log-probabilities in their training forward pass, e.g. an fp16 overflow); they keep "
+            f"no prior, so epoch {epoch + 1} trains them against the label-smoothed target alone")
+
+
+def _untrained_warning(epoch, count, total):
+    return (f"PS-KD epoch {epoch}: {count} of the {total} training sentences were not trained in "
+            f"this epoch, so epoch {epoch + 1} trains them against the label-smoothed target "
+            f"alone. Causes: fairseq 0.12 leaves out the last sentences of every epoch when their "
+            f"number is not a multiple of --required-batch-size-multiple (default 8; pass "
+            f"--required-batch-size-multiple 1); a resume from a mid-epoch checkpoint trains "
+            f"other batches than those before it unless --update-epoch-batch-itr True; "
+            f"sentences longer than --max-positions are skipped with "
+            f"--skip-invalid-size-inputs-valid-test")
 
 
 def _to_device(t, device):
@@ -514,6 +534,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
 
         Called by every rank with the same epoch, so the collectives here line up."""
         self._open_store()
+        # An overflowing forward pass (inf/NaN log-probs, which fairseq skips and goes on) must
+        # not end the run: the store drops those sentences after its copy, with no device sync
+        # here, and counts them for the epoch summary below.
+        self.store.skip_nonfinite = True
         prev = self._written_epoch
         if epoch == 1 and prev is None:
             # A run that starts at epoch 1 is a new run (or one resumed inside epoch 1): priors
@@ -526,7 +550,11 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         if prev is not None and prev < epoch:
             self._wait_cpu_write()
             self.store.flush()  # this rank's epoch-prev writes are applied and msynced
-            dummies = sum(_all_gather_object(self._dummy_batches))
+            counts = _all_gather_object((self._dummy_batches, self.store.skipped_nonfinite(prev)))
+            dummies = sum(c[0] for c in counts)
+            # shared: each rank dropped rows it trained itself; all_gather: every writer (rank 0
+            # among them) saw every rank's rows
+            nonfinite = sum(c[1] for c in counts) if self.store_sync == "shared" else counts[0][1]
             # every rank's epoch-prev writes are in the files before any rank reads them
             _barrier()
             if self._updates_header:
@@ -538,6 +566,11 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                             "(%d ranks, %s sync, %d dummy batches skipped)", prev, written,
                             self.store.num_sentences, self.store.path, _dist_info()[1],
                             self.store_sync, dummies)
+                if nonfinite:  # the sentences missing from the count above, and why
+                    logger.warning(_nonfinite_warning(prev, nonfinite))
+                untrained = self.store.num_sentences - written - nonfinite
+                if untrained > 0:
+                    logger.warning(_untrained_warning(prev, untrained, self.store.num_sentences))
         self._dummy_batches = 0
         self.epoch = epoch
         self._written_epoch = epoch  # ended (flush, barrier, header) at the next epoch or at exit
@@ -562,6 +595,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             try:
                 if self._written_epoch is not None:
                     self.store.end_epoch(self._written_epoch, update_header=self._updates_header)
+                    nonfinite = self.store.skipped_nonfinite(self._written_epoch)
+                    if nonfinite:  # the last epoch has no next begin_epoch to report it
+                        logger.warning(_nonfinite_warning(self._written_epoch, nonfinite))
                     self._written_epoch = None
                 self.store.close()
             finally:
@@ -798,8 +834,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         """The batch's priors as CPU tensors (indices, probs (B, width, k), has_prior (B,)).
 
         Lengths come from the store (the train set's own, checked when it was opened): the
-        device-side lengths are checked against them by the writer, off the critical path."""
-        return self.store.read(self.epoch, ids, max_len=width)
+        device-side lengths are checked against them by the writer, off the critical path. The
+        rows read are checked too (a top-k of one distribution sums to at most 1, plus float16
+        rounding): a store damaged on disk stops the run with the file and sentence named."""
+        return self.store.read(self.epoch, ids, max_len=width, max_mass=MAX_PRIOR_MASS)
 
     def _start_read(self, sample):
         """Called by the train_step hook before the forward pass: read this batch's priors on

@@ -226,9 +226,11 @@ class _PinnedPool:
 
 
 class _Job:
-    __slots__ = ("buffer", "epoch", "ids", "lengths", "indices", "probs", "event", "pinned", "validated")
+    __slots__ = ("buffer", "epoch", "ids", "lengths", "indices", "probs", "event", "pinned", "validated",
+                 "skip_nonfinite")
 
-    def __init__(self, buffer, epoch, ids, lengths, indices, probs, event, pinned, validated):
+    def __init__(self, buffer, epoch, ids, lengths, indices, probs, event, pinned, validated,
+                 skip_nonfinite=False):
         self.buffer = buffer
         self.epoch = epoch
         self.ids = ids
@@ -238,6 +240,7 @@ class _Job:
         self.event = event
         self.pinned = pinned
         self.validated = validated
+        self.skip_nonfinite = skip_nonfinite
 
 
 def _advise_random(m: np.memmap) -> None:
@@ -374,6 +377,8 @@ class _Core:
         # np.take / np.put on 1-D row arrays are 5-10x faster than 2-D fancy indexing.
         self.index_rows = [_rows(m) for m in self.indices]
         self.prob_rows = [_rows(m) for m in self.probs]
+        # epoch -> sentences write() dropped for inf/NaN (skip_nonfinite); only the writer adds
+        self.nonfinite = {}
 
     # -- validation shared by read/write ------------------------------------------------
     def check_batch(self, ids: np.ndarray, lengths: Optional[np.ndarray], what: str) -> None:
@@ -414,7 +419,8 @@ class _Core:
         return flat, flat + np.repeat(shift, lengths)
 
     # -- gather ------------------------------------------------------------------------
-    def gather(self, buffer: int, want_stamp: int, ids: np.ndarray, lengths: np.ndarray, width: int):
+    def gather(self, buffer: int, want_stamp: int, ids: np.ndarray, lengths: np.ndarray, width: int,
+               max_mass: Optional[float] = None):
         B, k = ids.shape[0], self.topk
         out_idx = np.zeros((B * width, k), dtype=np.int64)
         out_p = np.zeros((B * width, k), dtype=np.float32)
@@ -426,9 +432,54 @@ class _Core:
                 # Only the touched pages of the maps are read.
                 gi = np.take(self.index_rows[buffer], pos).view(self.index_dtype).reshape(-1, k)
                 gp = np.take(self.prob_rows[buffer], pos).view(PROB_DTYPE).reshape(-1, k)
+                gp32 = gp.astype(np.float32)
+                self.check_rows(buffer, want_stamp, ids, flat, width, gi, gp, gp32, max_mass)
                 np.put(_rows(out_idx), flat, _rows(gi.astype(np.int64)))
-                np.put(_rows(out_p), flat, _rows(gp.astype(np.float32)))
+                np.put(_rows(out_p), flat, _rows(gp32))
         return out_idx.reshape(B, width, k), out_p.reshape(B, width, k), has
+
+    def check_rows(self, buffer, epoch, ids, flat, width, gi, gp, gp32, max_mass) -> None:
+        """Refuse rows read back that write() could never have stored: the files changed on disk.
+
+        A few reductions over the batch's rows, on the reading thread; the row-by-row search
+        runs only when one of them fails.
+        """
+        if gi.size == 0:  # only empty sentences
+            return
+        bits = gp.view(np.uint16)
+        signed = self.index_dtype.kind == "i"
+        # float16 bits <= 0x3C00 (1.0): within [0, 1]; -0.0 (0x8000) takes the slow path below
+        if bits.max() <= 0x3C00 and gi.max() < self.vocab_size and not (signed and gi.min() < 0) \
+                and (max_mass is None or gp32.sum(1).max() <= max_mass):
+            return
+        bad_p = ((bits > 0x3C00) & (bits != 0x8000)).any(1)  # NaN, inf, < 0 or > 1 (see apply)
+        bad_i = (gi >= self.vocab_size).any(1)
+        if signed:
+            bad_i |= (gi < 0).any(1)
+        bad_m = gp32.sum(1) > max_mass if max_mass is not None else np.zeros_like(bad_p)
+        bad = bad_p | bad_i | bad_m
+        if not bad.any():
+            return
+        r = int(np.flatnonzero(bad)[0])
+        sid, tok = int(ids[flat[r] // width]), int(flat[r] % width)
+        if bad_i[r]:
+            name = f"indices.{buffer}.bin"
+            j = int(np.flatnonzero((gi[r] >= self.vocab_size) | (gi[r] < 0))[0])
+            what = f"vocabulary id {int(gi[r, j])}, outside [0, vocab_size={self.vocab_size})"
+        elif bad_p[r]:
+            name = f"probs.{buffer}.bin"
+            j = int(np.flatnonzero((bits[r] > 0x3C00) & (bits[r] != 0x8000))[0])
+            what = f"probability {float(gp32[r, j])}, not within [0, 1]"
+        else:
+            name = f"probs.{buffer}.bin"
+            what = f"set of top-{self.topk} probabilities summing to {float(gp32[r].sum()):.4f}, above {max_mass}"
+        raise StoreError(
+            f"{os.path.join(self.path, name)} is corrupt: the row epoch {epoch} wrote for sentence id {sid}, "
+            f"target position {tok}, holds a {what} ({int(bad.sum())} bad rows in this batch); write() never "
+            f"stores such values, so the file changed on disk (bit rot, a bad copy). The store is only a "
+            f"cache of the last epoch's predictions: delete {self.path} and resume from the last checkpoint "
+            f"(the resumed epoch then trains without priors, against the label-smoothed target alone, and "
+            f"stores new ones for the next epoch), or put back an intact copy of the directory")
 
     # -- scatter (runs on the writer thread) -------------------------------------------
     def apply(self, job: _Job) -> None:
@@ -446,6 +497,31 @@ class _Core:
         # (N, k): real tokens only, padding is ignored
         vi = np.take(np.ascontiguousarray(idx).reshape(B * width, k), flat, axis=0)
         vp = np.take(np.ascontiguousarray(prb).reshape(B * width, k), flat, axis=0).astype(PROB_DTYPE, copy=False)
+        skipped = ids[:0]
+        if vi.size:
+            # On the float16 bits (float16 arithmetic in numpy is slow): a value is in [0, 1]
+            # iff its bits are <= those of 1.0 (0x3C00) or it is -0.0 (0x8000); NaN/inf are above.
+            bits = vp.view(np.uint16)
+            bad = (bits > 0x3C00) & (bits != 0x8000)
+            nonfinite = (bits & 0x7C00) == 0x7C00  # all exponent bits set: inf or NaN
+            # Non-finite values are what an overflowing forward pass gives (fairseq skips such
+            # steps and goes on): when asked, drop those sentences instead of failing the run.
+            # A finite value outside [0, 1] is a caller's mistake (logits) either way.
+            refuse = bad & ~nonfinite if job.skip_nonfinite else bad
+            if refuse.any():
+                raise StoreError(
+                    f"{what}: top-k probabilities must be finite and within [0, 1], got e.g. {float(vp.reshape(-1)[np.flatnonzero(refuse)[0]])} "
+                    f"({int(refuse.sum())} bad values); store probabilities (softmax), not logits or log-probabilities. "
+                    f"This batch was not written.")
+            if job.skip_nonfinite:
+                row_bad = nonfinite.any(1)
+                if row_bad.any():
+                    sentence = np.repeat(np.arange(B), lengths)  # batch row of each real token
+                    drop = np.zeros(B, dtype=bool)
+                    drop[sentence[row_bad]] = True
+                    keep = ~drop[sentence]
+                    vi, vp, pos = vi[keep], vp[keep], pos[keep]
+                    skipped, ids = ids[drop], ids[~drop]
         if vi.size:
             lo, hi = int(vi.min()), int(vi.max())
             if lo < 0 or hi >= self.vocab_size:
@@ -454,21 +530,16 @@ class _Core:
                     f"the store was created for another vocabulary size or the indices are not vocabulary ids. "
                     f"Create the store with vocab_size = the model's output dimension ({_HINT_DIR.format(path=self.path)}). "
                     f"This batch was not written.")
-            # On the float16 bits (float16 arithmetic in numpy is slow): a value is in [0, 1]
-            # iff its bits are <= those of 1.0 (0x3C00) or it is -0.0 (0x8000); NaN/inf are above.
-            bits = vp.view(np.uint16)
-            bad = (bits > 0x3C00) & (bits != 0x8000)
-            if bad.any():
-                raise StoreError(
-                    f"{what}: top-k probabilities must be finite and within [0, 1], got e.g. {float(vp.reshape(-1)[np.flatnonzero(bad)[0]])} "
-                    f"({int(bad.sum())} bad values); store probabilities (softmax), not logits or log-probabilities. "
-                    f"This batch was not written.")
         b = job.buffer
         np.put(self.index_rows[b], pos, _rows(vi.astype(self.index_dtype, copy=False)))
         np.put(self.prob_rows[b], pos, _rows(vp))
         # Data before stamp: a reader that sees the stamp sees the data (same page cache).
         self.stamps[b][ids] = job.epoch
+        # A dropped sentence keeps no row in this buffer, not even one written earlier this epoch.
+        self.stamps[b][skipped] = 0
         self.dirty[b] = True
+        if skipped.size:
+            self.nonfinite[job.epoch] = self.nonfinite.get(job.epoch, 0) + int(skipped.size)
 
     def msync(self, buffers=(0, 1)) -> None:
         for b in buffers:
@@ -506,6 +577,7 @@ class TopKStore:
         self._writer_holder: list = [None]
         self._finalizer = weakref.finalize(self, _shutdown_writer, self._writer_holder)
         self._closed = False
+        self._skip_nonfinite = False
 
     @staticmethod
     def estimate_bytes(num_sentences: int, num_tokens: int, topk: int, vocab_size: int) -> int:
@@ -750,6 +822,16 @@ class TopKStore:
         return self._readonly
 
     @property
+    def skip_nonfinite(self) -> bool:
+        """False (default): write() refuses inf/NaN probabilities like any other bad value.
+        True: it drops the sentences that hold them and counts them (see write)."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value: bool) -> None:
+        self._skip_nonfinite = bool(value)  # applies to later write() calls
+
+    @property
     def lengths(self) -> np.ndarray:
         """Stored target length of every sentence (read-only int32 array, memory-mapped)."""
         return self._core.lengths
@@ -786,7 +868,8 @@ class TopKStore:
         return int(epoch)
 
     # ---------------------------------------------------------------- read
-    def read(self, epoch: int, ids, lengths=None, max_len: Optional[int] = None):
+    def read(self, epoch: int, ids, lengths=None, max_len: Optional[int] = None,
+             max_mass: Optional[float] = None):
         """Priors for the batch: what epoch ``epoch - 1`` wrote for these sentences.
 
         Returns CPU tensors ``indices`` int64 (B, T, k), ``probs`` float32 (B, T, k) and
@@ -796,6 +879,12 @@ class TopKStore:
         right after write(t)), they are applied first; the normal read(t) during epoch t
         reads the other buffer and never waits. Pass CPU ids/lengths: CUDA ones force a sync.
         ``lengths=None`` takes the stored lengths (the training set's own) after the id check.
+
+        Rows read back are checked against what ``write`` accepts (indices in
+        [0, vocab_size), probabilities in [0, 1]) and, with ``max_mass``, against a top-k of
+        one distribution (each row's probabilities sum to at most ``max_mass``, e.g. 1 plus
+        float16 rounding); a row that fails was changed on disk and raises StoreError naming
+        the file and the sentence.
         """
         self._check_open()
         epoch = self._check_epoch(epoch)
@@ -817,7 +906,7 @@ class TopKStore:
         if w is not None:
             w.wait(buffer)
             self._raise_writer_error()
-        idx, prb, has = self._core.gather(buffer, epoch - 1, ids, lengths, width)
+        idx, prb, has = self._core.gather(buffer, epoch - 1, ids, lengths, width, max_mass)
         return torch.from_numpy(idx), torch.from_numpy(prb), torch.from_numpy(has)
 
     # ---------------------------------------------------------------- write
@@ -831,6 +920,12 @@ class TopKStore:
         thread; that batch is dropped (its stamps are not set) and the error is raised by the
         next flush() or read() of that buffer (both wait for the writer), or by a later
         write() once the writer has reached the bad batch.
+
+        With ``skip_nonfinite`` set, a sentence with an inf/NaN probability (an overflowing
+        forward pass) is dropped instead, on the writer thread after the copy (no device
+        sync): its rows are not written and its stamp in this buffer is cleared, so it reads
+        back as "no prior"; the rest of the batch is written. ``skipped_nonfinite(epoch)``
+        counts them. Finite values outside [0, 1] still raise.
         """
         self._check_open()
         epoch = self._check_epoch(epoch)
@@ -877,7 +972,8 @@ class TopKStore:
             # Narrow on the device (int32 / float16 halve the copy; vocabulary ids and
             # probabilities fit them) and copy everything that is on the device as ONE
             # asynchronous transfer into a pinned host buffer, on the producer's stream; the
-            # writer thread waits on the event, the caller never does.
+            # writer thread waits on the event, the caller never does. inf/NaN survive the
+            # narrowing, so the writer finds them after the copy: skip_nonfinite costs no sync.
             parts = [(indices, torch.int32), (probs, torch.float16)]
             if on_device:
                 parts += [(ids, torch.int64), (lengths, torch.int64)]
@@ -898,7 +994,14 @@ class TopKStore:
             idx_h = _host_copy(indices)
             prb_h = _host_copy(probs, torch.float16)
             ids_h, len_h = ids_np, len_np
-        writer.submit(_Job((epoch % 2), epoch, ids_h, len_h, idx_h, prb_h, event, pinned, validated=not on_device))
+        writer.submit(_Job((epoch % 2), epoch, ids_h, len_h, idx_h, prb_h, event, pinned,
+                           validated=not on_device, skip_nonfinite=self._skip_nonfinite))
+
+    def skipped_nonfinite(self, epoch: int) -> int:
+        """Sentences this process's ``write(epoch, ...)`` calls dropped for inf/NaN probabilities
+        (``skip_nonfinite`` set), among the writes applied so far (all of them after ``flush()``)."""
+        self._check_open()
+        return int(self._core.nonfinite.get(self._check_epoch(epoch), 0))
 
     # ---------------------------------------------------------------- sync / lifecycle
     def flush(self, sync: bool = True) -> None:

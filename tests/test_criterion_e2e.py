@@ -171,3 +171,20 @@ def test_current_remainder_through_fairseq_train(uninterrupted, toy_data_bin, tm
     for e in (2, 3, 4):
         assert cur[e]["pskd_coverage"] >= 0.99
         assert cur[e]["loss"] == cur[e]["loss"] and cur[e]["loss"] != uni[e]["loss"], (e, cur[e], uni[e])
+
+
+def test_sentences_an_epoch_leaves_out_are_counted(tmp_path):
+    """fairseq 0.12 leaves out the last n mod 8 training sentences of every epoch (batch sizes
+    are rounded to --required-batch-size-multiple): the epoch summary says how many and what
+    to pass; with --required-batch-size-multiple 1 every sentence is trained and nothing is said."""
+    from conftest import binarize, make_toy_corpus
+
+    data = binarize(make_toy_corpus(tmp_path / "raw", n_train=100, seed=4), tmp_path / "bin")
+    log = run_fairseq("train", *pskd_args(data, tmp_path / "a", 2)).stdout
+    assert "PS-KD epoch 1 priors: 96 of 100 training sentences stored" in log
+    assert "PS-KD epoch 1: 4 of the 100 training sentences were not trained" in log
+    assert "--required-batch-size-multiple 1" in log
+    log = run_fairseq("train", *pskd_args(data, tmp_path / "b", 2,
+                                          "--required-batch-size-multiple", "1")).stdout
+    assert "PS-KD epoch 1 priors: 100 of 100 training sentences stored" in log
+    assert "were not trained" not in log

@@ -1,0 +1,279 @@
+"""Faults the store and the criterion must survive or report clearly: a training forward pass
+with inf/NaN log-probabilities (what an fp16 overflow gives; fairseq skips such a step and goes
+on), and a store whose files were damaged on disk after they were written (bit rot, a bad
+copy), read back by the store API and by a resumed fairseq-train."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+from fairseq_pskd import store as store_mod
+from fairseq_pskd.plots import parse_lines
+from fairseq_pskd.store import StoreError, TopKStore
+
+K = 4
+V = 1000
+
+
+def train_stats(log):
+    """{epoch: {metric: value}} of the train epoch summaries in a fairseq log's text."""
+    return parse_lines(log.splitlines())["train"]
+
+
+def softmax_topk(lengths, ids, seed, vocab=V, k=K):
+    """(indices, probs) as the criterion stores them: the top-k of real distributions."""
+    g = torch.Generator().manual_seed(seed)
+    T = int(lengths[ids].max())
+    lp = (3 * torch.randn(len(ids), T, vocab, generator=g)).log_softmax(-1)
+    top_lp, top_idx = lp.topk(k, -1)
+    return top_idx, top_lp.exp()
+
+
+def lengths_and_store(path, n=20, vocab=V, seed=0):
+    lengths = np.random.RandomState(seed).randint(2, 9, size=n).astype(np.int64)
+    return lengths, TopKStore.create(path, lengths, K, vocab)
+
+
+def written_store(tmp_path, vocab=V):
+    """A closed store whose buffer 1 holds epoch 1's priors for every sentence."""
+    lengths, s = lengths_and_store(tmp_path / "s", vocab=vocab)
+    ids = np.arange(len(lengths))
+    with s:
+        s.write(1, ids, lengths, *softmax_topk(lengths, ids, seed=1))  # ids < 1000 <= vocab
+        s.end_epoch(1)
+    return tmp_path / "s", lengths
+
+
+def corrupt(path, name, sentence, position, column, value):
+    """Overwrite one stored value of ``sentence`` in ``name`` (probs.B.bin / indices.B.bin)."""
+    with TopKStore.open(path, readonly=True) as s:
+        row = int(np.asarray(s.lengths[:sentence], dtype=np.int64).sum()) + position
+        num_tokens, k = s.num_tokens, s.topk
+        dtype = np.dtype(s.summary()["index_dtype"]) if name.startswith("indices") else np.float16
+    m = np.memmap(os.path.join(path, name), dtype=dtype, mode="r+", shape=(num_tokens, k))
+    m[row, column] = value
+    m.flush()
+    del m
+
+
+# ------------------------------------------------------------------------------ write side, store API
+
+def test_nonfinite_rows_are_dropped_and_counted(tmp_path):
+    lengths, s = lengths_and_store(tmp_path / "s")
+    ids = np.arange(len(lengths))
+    idx, p = softmax_topk(lengths, ids, seed=2)
+    with s:
+        s.write(1, ids, lengths, idx, p)  # every sentence written once (stamp 1)...
+        s.flush()
+        s.skip_nonfinite = True
+        bad = p.clone()
+        bad[3, 0, 0] = float("nan")
+        bad[5, int(lengths[5]) - 1, 2] = float("inf")
+        bad[6, int(lengths[6]), 0] = float("nan")  # padding: ignored
+        s.write(1, ids, lengths, idx, bad)  # ...then again, with two sentences non-finite
+        s.flush()  # nothing raised
+        assert s.skipped_nonfinite(1) == 2 and s.skipped_nonfinite(2) == 0
+        ri, rp, has = s.read(2, ids, lengths, max_mass=1.01)
+        # the two keep no prior, not even the one written earlier in the epoch
+        assert has.tolist() == [i not in (3, 5) for i in ids]
+        assert torch.isfinite(rp).all()
+        n6 = int(lengths[6])
+        assert torch.equal(rp[6, :n6], p[6, :n6].half().float())
+        s.end_epoch(1)
+        assert s.summary()["buffers"][1]["sentences_written"] == len(ids) - 2
+
+        # the CUDA path's job (ids/lengths from the device, checked after the copy) drops the same way
+        job = store_mod._Job(0, 2, torch.as_tensor(ids), torch.as_tensor(lengths), idx.to(torch.int32),
+                             bad.half(), None, [], validated=False, skip_nonfinite=True)
+        s._core.apply(job)
+        assert s.skipped_nonfinite(2) == 2
+        assert s.read(3, ids, lengths)[2].tolist() == [i not in (3, 5) for i in ids]
+
+        # a finite value outside [0, 1] is still the caller's mistake (logits), skip or not
+        s.write(2, ids, lengths, idx, torch.randn(p.shape) * 5)
+        with pytest.raises(StoreError, match=r"must be finite and within \[0, 1\].*not logits"):
+            s.flush()
+        # without skip_nonfinite, inf/NaN is refused like any bad value (the store's default)
+        s.skip_nonfinite = False
+        s.write(2, ids, lengths, idx, bad)
+        with pytest.raises(StoreError, match=r"must be finite and within \[0, 1\], got e.g. nan"):
+            s.flush()
+
+
+# ------------------------------------------------------------------------------ write side, fairseq-train
+
+INJECT = """
+from fairseq_cli.train import cli_main  # first: its logging set-up, as under python -m fairseq_cli.train
+
+import torch
+from fairseq.models.transformer import transformer_decoder
+
+N, GRADIENT = {n}, {gradient}
+calls = [0]
+output_layer = transformer_decoder.TransformerDecoderBase.output_layer
+
+
+def inject(self, features):
+    out = output_layer(self, features)
+    if self.training:
+        calls[0] += 1
+        if calls[0] == N:  # +inf logits for the first sentence of the N-th training forward pass
+            if GRADIENT:  # NaN reaches the gradients too
+                out = out + torch.zeros_like(out).index_fill_(0, torch.tensor([0]), float("inf"))
+            else:  # only the forward pass: the values are replaced, the gradient stays finite
+                out = out.clone()
+                out[0] = float("inf")
+            print("INJECTED inf logits into training forward", N, flush=True)
+    return out
+
+
+transformer_decoder.TransformerDecoderBase.output_layer = inject
+cli_main()
+"""
+
+
+def train_with_injection(tmp_path, data_bin, gradient, max_epoch, criteria=("ls", "pskd")):
+    """fairseq-train with label_smoothed_cross_entropy ("ls") and with pskd, side by side, each
+    with inf logits in the 3rd training forward pass (epoch 1 of the toy corpus has 5 batches)."""
+    script = tmp_path / "inject_train.py"
+    script.write_text(INJECT.format(n=3, gradient=gradient))
+    common = [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--label-smoothing", "0.1",
+              "--max-epoch", max_epoch]
+    runs = {"ls": ["--criterion", "label_smoothed_cross_entropy"],
+            "pskd": ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", K]}
+    runs = {name: runs[name] for name in criteria}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = {name: subprocess.Popen(
+        [sys.executable, str(script), *map(str, common + args + ["--save-dir", tmp_path / name])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for name, args in runs.items()}  # both at once: most of a run is start-up
+    out = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    for name, log in out.items():
+        assert "INJECTED inf logits" in log, (name, log[-3000:])
+    return {name: (procs[name].returncode, out[name]) for name in runs}
+
+
+def test_nonfinite_forward_pass_does_not_stop_training(toy_data_bin, tmp_path):
+    """The step fairseq goes on after (loss nan, finite gradients) is not fatal to PS-KD: the
+    sentence keeps no prior for that epoch, the summary counts it, the store holds no inf/NaN,
+    and only the next epoch trains with coverage < 1."""
+    runs = train_with_injection(tmp_path, toy_data_bin, gradient=False, max_epoch=3)
+    (ls_rc, ls_log), (rc, log) = runs["ls"], runs["pskd"]
+    assert ls_rc == rc == 0, log[-4000:]
+    assert train_stats(ls_log)[1]["loss"] != train_stats(ls_log)[1]["loss"]  # the nan reached the loss
+    assert "PS-KD epoch 1 priors: 239 of 240 training sentences stored" in log, log[-4000:]
+    assert "PS-KD epoch 1 priors: 1 sentences skipped for non-finite values" in log
+    assert "PS-KD epoch 2 priors: 240 of 240" in log and "skipped for non-finite" not in log.split("PS-KD epoch 2 priors")[1]
+    train = train_stats(log)
+    assert sorted(train) == [1, 2, 3]
+    assert train[1]["pskd_coverage"] == 0.0
+    assert 0.95 < train[2]["pskd_coverage"] < 1.0, train[2]
+    assert train[3]["pskd_coverage"] == 1.0, train[3]
+    path = tmp_path / "pskd" / "pskd_store"
+    with TopKStore.open(path, readonly=True) as s:
+        for b in (0, 1):
+            probs = np.memmap(os.path.join(path, f"probs.{b}.bin"), dtype=np.float16, mode="r",
+                              shape=(s.num_tokens, s.topk))
+            assert np.isfinite(probs).all()
+            del probs
+        assert {b["epoch"]: b["sentences_written"] for b in s.summary()["buffers"]} == {2: 240, 3: 240}
+
+
+def test_nonfinite_gradients_fail_with_fairseq_own_error(toy_data_bin, tmp_path):
+    """When the NaN reaches the gradients, fp32 fairseq stops with 'gradients are Nan/Inf' (exit
+    status 1; label_smoothed_cross_entropy too, measured with the same injection): PS-KD stops
+    the same way, with fairseq's error, not one of its own, and still reports the sentence."""
+    (rc, log), = train_with_injection(tmp_path, toy_data_bin, gradient=True, max_epoch=1,
+                                      criteria=("pskd",)).values()
+    assert rc == 1, log[-4000:]
+    assert "FloatingPointError: gradients are Nan/Inf" in log
+    assert "StoreError" not in log and "terminate called" not in log
+    assert "PS-KD epoch 1 priors: 1 sentences skipped for non-finite values" in log  # reported at exit
+
+
+# ------------------------------------------------------------------------------ read side, store API
+
+@pytest.mark.parametrize("value", [3.0, float("nan"), float("inf"), -0.5])
+def test_corrupt_probability_is_refused_on_read(tmp_path, value):
+    path, lengths = written_store(tmp_path)
+    corrupt(path, "probs.1.bin", sentence=7, position=2, column=1, value=value)
+    with TopKStore.open(path, readonly=True) as s:
+        ids = np.array([2, 7, 11])
+        with pytest.raises(StoreError) as e:
+            s.read(2, ids)
+        msg = str(e.value)
+        assert f"{os.path.join(path, 'probs.1.bin')} is corrupt" in msg
+        assert "sentence id 7, target position 2" in msg and "not within [0, 1]" in msg
+        assert f"delete {path} and resume" in msg
+        s.read(2, np.array([2, 11]))  # the other sentences read fine
+
+
+def test_valid_rows_still_read_after_the_fast_check_fails(tmp_path):
+    """-0.0 is a valid stored probability whose bits fail the quick bound: the row-by-row check
+    lets it through."""
+    path, lengths = written_store(tmp_path)
+    corrupt(path, "probs.1.bin", sentence=3, position=0, column=3, value=-0.0)
+    with TopKStore.open(path, readonly=True) as s:
+        _, rp, has = s.read(2, np.arange(len(lengths)), max_mass=1.01)
+        assert has.all() and rp[3, 0, 3] == 0
+
+
+def test_top_k_mass_above_one_is_refused_with_max_mass(tmp_path):
+    path, lengths = written_store(tmp_path)
+    ids = np.arange(len(lengths))
+    with TopKStore.open(path, readonly=True) as s:
+        _, rp, has = s.read(2, ids, max_mass=1.01)  # real top-k rows pass, float16 rounding included
+        assert has.all() and float(rp.sum(-1).max()) <= 1.01
+    corrupt(path, "probs.1.bin", sentence=4, position=0, column=0, value=1.0)  # each value in [0, 1]
+    with TopKStore.open(path, readonly=True) as s:
+        s.read(2, ids)  # the store alone cannot tell: any value in [0, 1] is a valid write
+        with pytest.raises(StoreError, match=r"probs\.1\.bin is corrupt: .*sentence id 4, target position 0, "
+                                             r"holds a set of top-4 probabilities summing to 1\.\d+, above 1\.01"):
+            s.read(2, ids, max_mass=1.01)
+
+
+@pytest.mark.parametrize("vocab,value", [(V, 60000), (70000, -5)])
+def test_out_of_range_index_is_refused_on_read(tmp_path, vocab, value):
+    path, lengths = written_store(tmp_path, vocab=vocab)
+    corrupt(path, "indices.1.bin", sentence=9, position=1, column=3, value=value)
+    with TopKStore.open(path, readonly=True) as s:
+        with pytest.raises(StoreError, match=rf"indices\.1\.bin is corrupt: .*sentence id 9, target position 1, "
+                                             rf"holds a vocabulary id {value}, outside \[0, vocab_size={vocab}\).*delete"):
+            s.read(2, np.arange(len(lengths)))
+
+
+# ------------------------------------------------------------------------------ read side, fairseq-train
+
+@pytest.fixture(scope="module")
+def one_epoch(toy_data_bin, tmp_path_factory):
+    """A finished 1-epoch PS-KD run: buffer 1 holds epoch 1's priors, read by epoch 2."""
+    save = tmp_path_factory.mktemp("one_epoch")
+    run_fairseq("train", *train_args(toy_data_bin, save, 1))
+    return save
+
+
+def train_args(data_bin, save, max_epoch):
+    return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--criterion", "pskd",
+            "--pskd-alpha", "0.8", "--pskd-topk", K, "--label-smoothing", "0.1",
+            "--max-epoch", max_epoch, "--save-dir", save]
+
+
+@pytest.mark.parametrize("name,value,what", [("probs.1.bin", 3.0, "probability 3.0"),
+                                             ("indices.1.bin", 60000, "vocabulary id 60000")])
+def test_resume_with_a_corrupt_store_stops_with_a_clear_error(one_epoch, toy_data_bin, tmp_path, name, value, what):
+    save = tmp_path / "ckpt"
+    shutil.copytree(one_epoch, save)
+    corrupt(save / "pskd_store", name, sentence=17, position=0, column=0, value=value)
+    proc = run_fairseq("train", *train_args(toy_data_bin, save, 2), check=False)
+    log = proc.stdout
+    assert "Loaded checkpoint" in log
+    assert proc.returncode == 1, log[-4000:]  # an error exit, not an abort (134) or a crash
+    assert f"StoreError: {save / 'pskd_store' / name} is corrupt" in log, log[-4000:]
+    assert f"sentence id 17, target position 0, holds a {what}" in log
+    assert "lprobs.gather" not in log and "out of bounds" not in log  # not torch's error
+    assert "terminate called" not in log
