@@ -3,7 +3,7 @@
     python -m fairseq_pskd.experiment run --prepared DATA --out RUN_DIR [--average-last N]
         [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
     python -m fairseq_pskd.experiment score RUN_DIR --src RAW.SRC --ref RAW.TGT [--cpu]
-    python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown]
+    python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown] [--paired-bs]
 
 ``DATA`` is what scripts/prepare-*.sh wrote (data-bin/, ref/, prepare.json). Every recipe
 (the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
@@ -305,16 +305,59 @@ def _prepared_of(results):
 
 
 COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subset}"),
-           ("epochs", "{max_epoch}"), ("BLEU", "{bleu:.2f}"), ("chrF", "{chrf:.2f}"),
+           ("epochs", "{max_epoch}"), ("BLEU", "{bleu:.2f}"), ("p", "{p}"), ("chrF", "{chrf:.2f}"),
            ("ECE %", "{ece_pct:.2f}"), ("NLL", "{nll:.3f}"), ("AURC x1000", "{aurc_k:.1f}"),
-           ("train min", "{train_min:.1f}")]
+           ("length", "{length}"), ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
 
 
 def _rows(results_list):
     for r in results_list:
+        extra = r.get("_table", {})
         for subset, t in r["tests"].items():
+            e = extra.get(subset, {})
             yield {**r, **t, "subset": subset, "ece_pct": 100 * t["ece"], "aurc_k": 1000 * t["aurc"],
-                   "train_min": r.get("train_seconds", 0) / 60}
+                   "train_min": r.get("train_seconds", 0) / 60, "p": e.get("p", ""),
+                   "length": e.get("length", "-"), "valid_nll": extra.get("valid_nll", "-")}
+
+
+def _table_extras(results, run_dir):
+    """What a table shows beside results.json, read from the run directory when it is there:
+    sacreBLEU's hypothesis/reference length ratio per test set, the last validation nll_loss."""
+    import re
+
+    extras = {}
+    for subset in results["tests"]:
+        score_json = run_dir / f"score.{subset}.json"
+        if score_json.exists():
+            m = re.search(r"ratio = ([0-9.]+)", json.loads(score_json.read_text()).get("bleu_detail", ""))
+            if m:
+                extras[subset] = {"length": f"{float(m.group(1)):.3f}"}
+    if (run_dir / "train.log").exists():
+        from .plots import parse_log
+
+        valid = parse_log(run_dir / "train.log").get("valid", {})
+        if valid and "nll_loss" in valid[max(valid)]:
+            extras["valid_nll"] = f"{valid[max(valid)]['nll_loss']:.3f}"
+    return extras
+
+
+def _paired_bootstrap(results, run_dirs, resamples=1000):
+    """sacreBLEU's paired bootstrap p-value of each run's BLEU against the first run's, per test
+    set, on the detokenised hypotheses in the run directories."""
+    base = results[0]
+    for subset in base["tests"]:
+        ref = _prepared_of(base) / "ref" / f"{subset}.{base['tgt']}"
+        hyps = [d / f"hyp.{subset}.{r['tgt']}" for r, d in zip(results, run_dirs)]
+        if not ref.exists() or not all(h.exists() for h in hyps) \
+                or not all(subset in r["tests"] for r in results):
+            raise ExperimentError(f"--paired-bs needs {ref} and every run's hyp.{subset}.* file")
+        proc = subprocess.run([sys.executable, "-m", "sacrebleu", str(ref), "-i", *map(str, hyps),
+                               "-m", "bleu", "--paired-bs", "--paired-bs-n", str(resamples),
+                               "-f", "json"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ExperimentError(f"sacrebleu --paired-bs failed:\n{proc.stderr[-2000:]}")
+        for r, system in zip(results[1:], json.loads(proc.stdout)[1:]):
+            r["_table"].setdefault(subset, {})["p"] = f"{system['BLEU']['p_value']:.3f}"
 
 
 def format_table(results_list, markdown=False):
@@ -337,7 +380,12 @@ def table(args):
         if not p.exists():
             raise ExperimentError(f"{p} not found: run `python -m fairseq_pskd.experiment run` first")
         results.append(json.loads(p.read_text()))
+        results[-1]["_table"] = _table_extras(results[-1], p.parent)
+    if args.paired_bs and len(results) > 1:
+        _paired_bootstrap(results, [Path(p).parent for p in args.results])
     print(format_table(results, markdown=args.markdown))
+    if args.paired_bs:
+        print(f"\np: sacreBLEU paired bootstrap (1,000 resamples) of BLEU against {results[0]['name']}")
     if len(results) == 2:
         a, b = results
         for subset in a["tests"]:
@@ -381,6 +429,9 @@ def main(argv=None):
     t = sub.add_parser("table", help="print the results table of finished runs")
     t.add_argument("results", nargs="+", help="results.json files")
     t.add_argument("--markdown", action="store_true")
+    t.add_argument("--paired-bs", action="store_true",
+                   help="p-value of each run's BLEU against the first run's (sacreBLEU paired "
+                        "bootstrap, 1,000 resamples; needs the runs' hyp.* files)")
     args = parser.parse_args(argv)
     try:
         return {"run": run, "score": score, "table": table}[args.command](args)

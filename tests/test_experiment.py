@@ -118,3 +118,33 @@ def test_score_a_raw_test_set_through_the_run_preprocessing(m30k, tmp_path):
 def test_score_refuses_what_it_cannot_score(tmp_path, capsys):
     assert experiment.main(["score", str(tmp_path), "--src", "a", "--ref", "b"]) == 2
     assert "score needs a finished `experiment run` directory" in capsys.readouterr().err
+
+
+def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
+    """table --paired-bs: sacreBLEU's p-value against the first run, the length ratio from the
+    run's score file and the last validation nll_loss from its train.log."""
+    prepared = tmp_path / "prepared"
+    (prepared / "ref").mkdir(parents=True)
+    refs = [f"a man number {i} rides a red bike down the hill" for i in range(60)]
+    (prepared / "ref" / "test.en").write_text("".join(r + "\n" for r in refs))
+    systems = {"base": refs, "worse": [" ".join(r.split()[:4]) for r in refs]}
+    paths = []
+    for name, hyps in systems.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "hyp.test.en").write_text("".join(h + "\n" for h in hyps))
+        ratio = 1.0 if name == "base" else 0.4
+        (d / "score.test.json").write_text(json.dumps({"bleu_detail": f"BLEU = 1 (BP = 1 ratio = {ratio} hyp_len = 1)"}))
+        (d / "train.log").write_text("2026-01-01 00:00:00 | INFO | valid | epoch 001 | loss 4 | nll_loss 3.5 | ppl 11\n"
+                                     "2026-01-01 00:01:00 | INFO | valid | epoch 002 | loss 3 | nll_loss 2.75 | ppl 7\n")
+        (d / "results.json").write_text(json.dumps({
+            "name": name, "corpus": "toy", "src": "de", "tgt": "en", "prepared": str(prepared),
+            "max_epoch": 2, "train_seconds": 60, "tests": {"test": {
+                "bleu": 50.0, "chrf": 60.0, "ece": 0.05, "nll": 2.0, "aurc": 0.1}}}))
+        paths.append(str(d / "results.json"))
+    assert experiment.main(["table", *paths, "--paired-bs", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    base_row, worse_row = [line for line in out.splitlines() if line.startswith("| base") or line.startswith("| worse")]
+    assert "| 1.000 | 2.750 |" in base_row and "| 0.400 | 2.750 |" in worse_row
+    assert "| 0.001 |" in worse_row  # 4-word prefixes against full sentences: p = 1/1001
+    assert "paired bootstrap (1,000 resamples) of BLEU against base" in out
