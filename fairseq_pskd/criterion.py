@@ -14,8 +14,9 @@ The criterion knows nothing of file layouts (the store does) and nothing of fair
 trainer beyond documented methods of the task it is given, which it wraps: ``begin_epoch`` (the
 epoch number, right after a resume too), ``train_step`` (tells a training batch from a
 validation batch, and a dummy batch from a real one), ``begin_valid_epoch`` and
-``state_dict`` (flush writes before validation and checkpoints) and ``load_dataset`` (the
-training set's collater, below).
+``state_dict`` (flush writes before validation and checkpoints), ``load_dataset`` (the
+training set's collater, below) and ``get_batch_iterator`` (the train iterator's state, which
+every checkpoint saves and a resume restores, carries the run's identity: see _claim_store).
 
 Per training step the criterion adds no forward pass and no GPU synchronisation: the train
 dataset's collater also puts the batch's sentence ids into the sample as a numpy array (fairseq
@@ -36,6 +37,7 @@ import concurrent.futures
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -247,6 +249,17 @@ def _raise_collectively(error, what):
     _raise_if_any(_all_gather_object(error), what)
 
 
+def _raise_on_every_rank(error, what):
+    """Raise ``error`` (an exception, or None on a rank that is fine): as it is in a single process;
+    under data parallelism gathered, so that every rank stops (one rank alone would leave the
+    others waiting in their next collective)."""
+    if _dist_info()[1] == 1:
+        if error is not None:
+            raise error
+        return
+    _raise_collectively(None if error is None else f"{type(error).__name__}: {error}", what)
+
+
 def _raise_if_any(errors, what):
     """Raise (on every rank that calls it with the same gathered list) if any rank failed."""
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -416,6 +429,30 @@ def _untrained_warning(epoch, count, total):
             f"--skip-invalid-size-inputs-valid-test")
 
 
+def _refuse_what_the_store_cannot_serve(task):
+    """Refuse, before training, the data options under which priors would be read for the wrong
+    tokens: the store keeps row j of a sentence for its target position j (right padding), and
+    expects the same training set (ids and lengths) every epoch."""
+    cfg = getattr(task, "cfg", None)
+    if cfg is None:
+        return
+    if getattr(cfg, "left_pad_target", False):
+        raise ValueError(
+            "--left-pad-target: PS-KD stores one prior per target position of a right-padded "
+            "target (stored row j of a sentence is its target token j), so with left-padded targets "
+            "the priors would land on the wrong tokens; drop --left-pad-target (fairseq's default "
+            "is False)")
+    data = getattr(cfg, "data", None)
+    if isinstance(data, str) and os.pathsep in data:
+        shards = [d for d in data.split(os.pathsep) if d]
+        raise ValueError(
+            f"PS-KD needs the same training set every epoch (epoch t trains every sentence against "
+            f"what the model predicted for that sentence in epoch t-1), but the data path {data} is "
+            f"sharded ({len(shards)} shards: fairseq trains shard (t-1) mod {len(shards)} in epoch "
+            f"t), which changes it; binarise the shards into one data directory (one "
+            f"fairseq-preprocess --trainpref over all the training text) and pass that")
+
+
 def _to_device(t, device):
     """Host tensor -> device without blocking: through pinned memory on CUDA (torch's caching
     host allocator keeps the pinned block until the copy has run), a plain copy elsewhere."""
@@ -459,6 +496,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         self.store_sync = str(cfg.pskd_store_sync)
         if self.store_sync not in ("shared", "all_gather"):
             raise ValueError(f"--pskd-store-sync must be shared or all_gather, got {self.store_sync}")
+        _refuse_what_the_store_cannot_serve(task)
         # may hold {rank} / {node} / {local_rank}; resolved when the store is opened
         self.store_dir = cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store")
         self.store = None  # a TopKStore, opened at the first training epoch
@@ -475,6 +513,13 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         self._prefetch = None  # (sample, future of _read_host) for the batch in train_step
         self._cpu_write = None  # future of the last _topk_and_write on the helper (CPU only)
         self._warned_no_host_ids = False
+        # Run identity: a uuid made at the first epoch of a new run, recorded in the store's header
+        # and carried by every checkpoint (in the train iterator's state, which fairseq restores
+        # on resume), so a resume refuses a store that another run has written meanwhile.
+        self.run_id: Optional[str] = None
+        self._checkpoint_loaded = False  # fairseq restored the train iterator from a checkpoint
+        self._checkpoint_run_id: Optional[str] = None  # the run id that checkpoint carried
+        self._alpha_log_pending = False  # --max-update schedule: log a_t at the epoch's first update
         self._hook_task(task)
         logger.info(
             "PS-KD: a_T=%s, k=%d, remainder=%s, schedule: %s, store: %s", self.alpha_T, self.topk,
@@ -489,13 +534,19 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         pskd = self
         begin_epoch, begin_valid_epoch = task.begin_epoch, task.begin_valid_epoch
         train_step, state_dict = task.train_step, task.state_dict
-        load_dataset = task.load_dataset
+        load_dataset, get_batch_iterator = task.load_dataset, task.get_batch_iterator
 
         def pskd_load_dataset(split, *args, **kwargs):
             result = load_dataset(split, *args, **kwargs)
             if split == pskd.cfg.train_subset:
                 add_host_ids(task.datasets.get(split))
             return result
+
+        def pskd_get_batch_iterator(dataset, *args, **kwargs):
+            epoch_itr = get_batch_iterator(dataset, *args, **kwargs)
+            if dataset is not None and dataset is getattr(task, "datasets", {}).get(pskd.cfg.train_subset):
+                pskd._carry_run_id(epoch_itr)
+            return epoch_itr
 
         def pskd_begin_epoch(epoch, model):
             pskd.begin_epoch(epoch)
@@ -509,6 +560,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         def pskd_train_step(sample, model, criterion, optimizer, update_num, ignore_grad=False,
                             **kwargs):
             pskd._train_batch = {"ignore_grad": ignore_grad, "update_num": update_num}
+            pskd._log_epoch_alpha(update_num)
             try:
                 pskd._start_read(sample)
                 return train_step(sample, model, criterion, optimizer, update_num,
@@ -522,12 +574,38 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
             return state_dict()
 
         task.load_dataset = pskd_load_dataset
+        task.get_batch_iterator = pskd_get_batch_iterator
         add_host_ids(getattr(task, "datasets", {}).get(self.cfg.train_subset))  # already loaded
         task.begin_epoch = pskd_begin_epoch
         task.begin_valid_epoch = pskd_begin_valid_epoch
         task.train_step = pskd_train_step
         task.state_dict = pskd_state_dict
         atexit.register(self.close)
+
+    def _carry_run_id(self, epoch_itr):
+        """Make the train iterator's state (saved in every checkpoint as
+        extra_state["train_iterator"], and handed back to load_state_dict on every rank when
+        fairseq-train resumes) carry this run's identity. fairseq 0.12's trainer saves
+        task.state_dict() but never gives it back on resume, so the task state cannot carry it."""
+        if getattr(epoch_itr, "_pskd_carries_run_id", False):  # fairseq caches iterators
+            return
+        pskd = self
+        state_dict, load_state_dict = epoch_itr.state_dict, epoch_itr.load_state_dict
+
+        def pskd_state_dict():
+            state = state_dict()
+            if pskd.run_id is not None and isinstance(state, dict):
+                state = dict(state, pskd_run_id=pskd.run_id)
+            return state
+
+        def pskd_load_state_dict(state):
+            pskd._checkpoint_loaded = True
+            pskd._checkpoint_run_id = state.get("pskd_run_id") if isinstance(state, dict) else None
+            return load_state_dict(state)
+
+        epoch_itr.state_dict = pskd_state_dict
+        epoch_itr.load_state_dict = pskd_load_state_dict
+        epoch_itr._pskd_carries_run_id = True
 
     def begin_epoch(self, epoch):
         """Called (through the task) before training epoch ``epoch`` (1-based) starts.
@@ -539,14 +617,8 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         # here, and counts them for the epoch summary below.
         self.store.skip_nonfinite = True
         prev = self._written_epoch
-        if epoch == 1 and prev is None:
-            # A run that starts at epoch 1 is a new run (or one resumed inside epoch 1): priors
-            # left in the directory by an earlier run must not be read as this run's epoch-1
-            # output. Forgetting them costs at most a mid-epoch-1 resume some epoch-2 priors
-            # (those tokens train against y_ls for one epoch; pskd_coverage shows it).
-            if self._updates_header:
-                self.store.reset()
-            _barrier()
+        if prev is None:  # this process's first epoch: a new run, or a resume
+            self._claim_store(epoch)
         if prev is not None and prev < epoch:
             self._wait_cpu_write()
             self.store.flush()  # this rank's epoch-prev writes are applied and msynced
@@ -574,8 +646,68 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         self._dummy_batches = 0
         self.epoch = epoch
         self._written_epoch = epoch  # ended (flush, barrier, header) at the next epoch or at exit
-        logger.info("PS-KD epoch %d: a_t = %.4f%s", epoch, self.alpha(),
-                    "" if self.schedule == "epoch" else " at the start (grows per update)")
+        if self.schedule == "epoch":
+            logger.info("PS-KD epoch %d: a_t = %.4f", epoch, self.alpha())
+        else:  # a_t depends on the update count, which only the epoch's first train_step tells
+            self._alpha_log_pending = True
+
+    def _log_epoch_alpha(self, update_num):
+        if self._alpha_log_pending and self.epoch is not None:
+            self._alpha_log_pending = False
+            # the epoch's first update in this process (after a mid-epoch resume, the first after it)
+            logger.info("PS-KD epoch %d: a_t = %.4f from update %d of --max-update %d, growing by %.3g "
+                        "per update", self.epoch, self.alpha(update_num), update_num + 1,
+                        self.cfg.max_update, self.alpha_T / self.cfg.max_update)
+
+    def _claim_store(self, epoch):
+        """This process's first epoch: settle the run's identity and check the store against it.
+
+        Epoch 1 is a new run (or one resumed inside epoch 1): priors left in the directory by an
+        earlier run must not be read as this run's epoch-1 output, so the store is reset and
+        becomes this run's. Forgetting them costs at most a mid-epoch-1 resume some epoch-2 priors
+        (those tokens train against y_ls for one epoch; pskd_coverage shows it).
+
+        A later epoch is a resume: the store must hold this run's priors (the identity in the
+        checkpoint equals the store's), else the run stops instead of training on another run's."""
+        from .store import StoreError
+
+        ckpt = self._checkpoint_run_id
+        if epoch == 1:
+            # the same id on every rank: rank 0's
+            self.run_id = _all_gather_object(ckpt or uuid.uuid4().hex)[0]
+            if self._updates_header:
+                self.store.reset(run_id=self.run_id)
+            _barrier()
+            return
+        error = None
+        if self._updates_header:
+            theirs = self.store.run_id
+            if ckpt is not None and theirs is not None and theirs != ckpt:
+                error = StoreError(
+                    f"the PS-KD store at {self.store.path} holds the priors of another training run "
+                    f"(run {theirs}), not of the run this checkpoint belongs to (run {ckpt}): another "
+                    f"run used this --pskd-store-dir after this run's last epoch, and training epoch "
+                    f"{epoch} against its priors would distil that run's model into this one. Delete "
+                    f"{self.store.path} (it is only a cache of the last epoch's predictions) or pass "
+                    f"an empty --pskd-store-dir: the resumed epoch {epoch} then trains without priors "
+                    f"(against the label-smoothed target alone) and stores new ones for epoch {epoch + 1}")
+        _raise_on_every_rank(error, "checking the PS-KD store's run")
+        self.run_id = _all_gather_object(ckpt or self.store.run_id or uuid.uuid4().hex)[0]
+        if not self._updates_header:
+            return
+        if ckpt is None:
+            logger.warning("PS-KD: %s, so the priors in %s cannot be checked to be this run's; they "
+                           "are used as they are",
+                           "the checkpoint carries no run identity (it was written by an older "
+                           "fairseq-pskd)" if self._checkpoint_loaded else
+                           f"epoch {epoch} starts without a restored checkpoint", self.store.path)
+        if self.store.run_id != self.run_id:  # a new store, or one written before run identities
+            self.store.set_run_id(self.run_id)
+        if self.store.sentences_written(epoch - 1) == 0:
+            logger.warning("PS-KD epoch %d: the store at %s holds no priors of epoch %d (a new or "
+                           "emptied store), so this epoch trains against the label-smoothed target "
+                           "alone (pskd_coverage 0) and stores new priors for epoch %d", epoch,
+                           self.store.path, epoch - 1, epoch + 1)
 
     def flush(self):
         self._wait_cpu_write()
@@ -607,7 +739,7 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         """Open (rank 0 / one rank per directory: create) the store; collective on first call."""
         if self.store is not None:
             return
-        from .store import TopKStore
+        from .store import StoreLockedError, TopKStore
 
         dataset = self.task.dataset(self.cfg.train_subset)
         lengths = getattr(dataset, "tgt_sizes", None)
@@ -617,16 +749,22 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
                 f"dataset ({type(dataset).__name__}) has no tgt_sizes; use a translation task")
         vocab = len(self.task.target_dictionary)
         rank, world = _dist_info()
+        # The store is locked by the process that creates / updates its header (one per
+        # directory), for as long as it is open: a second run that opens it stops at once with
+        # the holder named. The other ranks of this run open it without the lock, after the
+        # holder has it (they never open a store their run does not hold).
+        holder = f"save dir {self.cfg.save_dir}" + (f", rank {rank} of {world}" if world > 1 else "")
         if world == 1:
             self.store_dir = resolve_store_dir(self.store_dir, 0, 0, 0)
-            self.store = TopKStore.open_or_create(self.store_dir, lengths, self.topk, vocab)
+            self.store = TopKStore.open_or_create(self.store_dir, lengths, self.topk, vocab,
+                                                  owner=holder)
             return
 
         import socket
-        import uuid
 
         infos = _all_gather_object({
             "host": socket.gethostname(),
+            "pid": os.getpid(),
             "node": _env_int("GROUP_RANK", "NODE_RANK", "SLURM_NODEID"),
             "local_rank": _env_int("LOCAL_RANK"),
             "nonce": uuid.uuid4().hex,
@@ -659,14 +797,26 @@ class PSKDLabelSmoothedCrossEntropyCriterion(FairseqCriterion):
         for c in creators:
             if c == rank:
                 try:
-                    self.store = TopKStore.open_or_create(self.store_dir, lengths, self.topk, vocab)
+                    self.store = TopKStore.open_or_create(self.store_dir, lengths, self.topk, vocab,
+                                                          owner=holder)
+                except StoreLockedError as e:
+                    mine = [r for r in creators if e.holder and (infos[r]["host"], infos[r]["pid"])
+                            == (e.holder.get("host"), e.holder.get("pid"))]
+                    error = f"{type(e).__name__}: {e}" if not mine else (
+                        f"ranks {mine[0]} and {rank} (hosts {infos[mine[0]]['host']}, "
+                        f"{infos[rank]['host']}) would both write {self.store_dir}: with "
+                        f"--pskd-store-sync all_gather every node needs its own directory, e.g. "
+                        f"--pskd-store-dir /local/scratch/pskd_{{node}} (on a filesystem shared "
+                        f"by all nodes use --pskd-store-sync shared)")
                 except Exception as e:  # reported on every rank below
                     error = f"{type(e).__name__}: {e}"
             _barrier()
+        # the other ranks open only a store their run holds
+        _raise_collectively(error, "opening the PS-KD store")
         if owner[rank] != rank:
             try:
                 self.store = TopKStore.open(self.store_dir, lengths, self.topk, vocab,
-                                            readonly=not self._writes_rows)
+                                            readonly=not self._writes_rows, lock=False)
             except Exception as e:
                 error = (f"{type(e).__name__}: {e} (rank {rank} on {infos[rank]['host']} cannot "
                          f"open the store rank {owner[rank]} created at {dirs[owner[rank]]}; "

@@ -14,6 +14,7 @@ per-sentence offsets computed from the sizes at open time. One directory holds::
     indices.{0,1}.bin  uint16|int32 (num_tokens, k)  top-k vocab ids, one row per token
     probs.{0,1}.bin    float16 (num_tokens, k)       top-k probabilities
     stamps.{0,1}.bin   int32 (num_sentences,)        epoch that last wrote the sentence, 0 = never
+    lock               flock held by the process that has the store open for writing
 
 Two parity buffers: epoch ``t`` writes buffer ``t % 2`` and reads buffer ``(t - 1) % 2``, so
 the priors a running epoch consumes are never overwritten by it (crash/resume safe). A
@@ -36,24 +37,47 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import mmap
 import os
 import queue
 import shutil
+import socket
 import struct
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["StoreError", "TopKStore", "read_fairseq_sizes", "main"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: stores are then not locked (warned)
+    fcntl = None
+
+__all__ = ["StoreError", "StoreLockedError", "TopKStore", "lock_holder", "read_fairseq_sizes", "main"]
+
+logger = logging.getLogger(__name__)
 
 
 class StoreError(ValueError):
     """Bad input or a store that cannot be used; the message says what is wrong and what to do."""
+
+
+class StoreLockedError(StoreError):
+    """The store is open for writing in another live process; ``holder`` is what that process
+    recorded about itself (host, pid, started, owner, command), or None if it recorded nothing."""
+
+    def __init__(self, directory: str, holder: Optional[Dict[str, Any]]):
+        self.directory = directory
+        self.holder = holder
+        super().__init__(_locked_message(directory, holder))
+
+    def __reduce__(self):  # picklable (args hold the message, not the constructor's arguments)
+        return self.__class__, (self.directory, self.holder)
 
 
 # --------------------------------------------------------------------------------------
@@ -62,6 +86,7 @@ class StoreError(ValueError):
 
 HEADER_NAME = "header.json"
 LENGTHS_NAME = "lengths.npy"
+LOCK_NAME = "lock"
 PROB_DTYPE = np.dtype("<f2")
 STAMP_DTYPE = np.dtype("<i4")
 LENGTH_DTYPE = np.dtype("<i4")
@@ -88,9 +113,208 @@ def _array_files(num_sentences: int, num_tokens: int, topk: int, vocab_size: int
 
 
 def _store_file_names() -> List[str]:
-    names = [HEADER_NAME, LENGTHS_NAME, HEADER_NAME + _HEADER_TMP_SUFFIX]
+    names = [HEADER_NAME, LENGTHS_NAME, HEADER_NAME + _HEADER_TMP_SUFFIX, LOCK_NAME]
     names += list(_array_files(1, 1, 1, 1).keys())
     return names
+
+
+#: Header keys only a PS-KD store writes; two of them make a header.json the store's own.
+_HEADER_KEYS = {"format_version", "num_sentences", "num_tokens", "topk", "vocab_size", "lengths_fingerprint", "buffers"}
+
+
+def _looks_like_store(path: str) -> bool:
+    """Whether ``path`` holds a PS-KD store or the remains of one (an array file, lengths.npy, or a
+    header.json with the store's keys). Only then may a message advise deleting the directory:
+    a mistyped path (the data directory, the home directory) must never get that advice."""
+    names = [LENGTHS_NAME, HEADER_NAME + _HEADER_TMP_SUFFIX] + list(_array_files(1, 1, 1, 1).keys())
+    if any(os.path.exists(os.path.join(path, n)) for n in names):
+        return True
+    try:
+        with open(os.path.join(path, HEADER_NAME), "r", encoding="utf-8") as f:
+            header = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(header, dict) and len(_HEADER_KEYS & set(header)) >= 2
+
+
+def _not_a_store(path: str) -> str:
+    return (f"{path} is not a PS-KD store (no {HEADER_NAME} and none of the store's files); pass the "
+            f"store's directory (--pskd-store-dir; by default SAVE_DIR/pskd_store)")
+
+
+def _delete_hint(path: str) -> str:
+    """What to do about a store that cannot be used: delete it, but only if it is one."""
+    if _looks_like_store(path):
+        return _HINT_DIR.format(path=path)
+    return f"{path} holds none of the store's files, so it is not a PS-KD store: check the path (--pskd-store-dir)"
+
+
+# --------------------------------------------------------------------------------------
+# Ownership lock
+# --------------------------------------------------------------------------------------
+
+#: flock errors that mean "this filesystem does not do flock" (Lustre without -o flock: ENOSYS;
+#: some FUSE/SMB mounts: EOPNOTSUPP/EINVAL; NFS without a working lock daemon: ENOLCK).
+_NO_LOCKING = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL}
+_BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+#: A lock found busy is tried again for this long before giving up: `inspect` takes a shared lock
+#: for an instant to see whether the store is in use, which must not make a starting run fail.
+_LOCK_RETRY_S = 1.0
+_lock_fds: set = set()  # descriptors of the locks this process holds
+
+
+def _close_lock_fds_in_child() -> None:
+    # flock belongs to the open file, which fork shares: a forked child (a DataLoader worker)
+    # would keep the store locked after its parent died. The child never uses the store's lock.
+    for fd in list(_lock_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
+def _read_holder(lock_path: str, tries: int = 10) -> Optional[Dict[str, Any]]:
+    """What the lock's holder wrote about itself (it writes right after locking: wait a little)."""
+    for i in range(tries):
+        try:
+            with open(lock_path, "r", encoding="utf-8") as f:
+                info = json.loads(f.read() or "null")
+            if isinstance(info, dict):
+                return info
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+        if i + 1 < tries:
+            time.sleep(0.05)
+    return None
+
+
+def _locked_message(directory: str, holder: Optional[Dict[str, Any]]) -> str:
+    if holder and (holder.get("pid"), holder.get("host")) == (os.getpid(), socket.gethostname()):
+        return (f"the PS-KD store at {directory} is already open for writing in this process (another "
+                f"TopKStore object holds its lock); close that one first, or open this one with readonly=True")
+    if holder:
+        who = f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('started')}"
+        if holder.get("owner"):
+            who += f"; {holder['owner']}"
+        who += f"; command: {holder.get('command')})"
+    else:
+        who = "another process (it has not recorded which yet)"
+    return (f"the PS-KD store at {directory} is in use by {who}. Two training runs must not share a "
+            f"store: each would train on the other's predictions as if they were its own priors. Wait "
+            f"until that run has ended, or give this run its own --pskd-store-dir (a template such as "
+            f"/local/scratch/pskd_{{node}} gives every run on a node the same directory: put the run's "
+            f"name in it). Nothing needs cleaning up: the lock ends with the process that holds it")
+
+
+def _warn_unlocked(directory: str, why: str) -> None:
+    logger.warning(
+        "PS-KD store at %s: cannot lock it (%s), so it is NOT protected against a second run that "
+        "uses the same directory at the same time; make sure only one run uses it. (The filesystem "
+        "does not support flock: e.g. Lustre mounted without -o flock, NFS without a lock daemon.)",
+        directory, why)
+
+
+class _StoreLock:
+    """An exclusive ``flock`` on ``DIR/lock``, held while a writable store is open.
+
+    The kernel drops it when the descriptor is closed, however the process ends (``kill -9``
+    included): there is never a stale lock to clean up. After locking, the holder writes who it
+    is into the file, for the message another process gets. ``fd`` is None when the filesystem
+    cannot lock (warned; the store is then used unprotected)."""
+
+    def __init__(self, path: str, fd: Optional[int], created: bool):
+        self.path = path
+        self.fd = fd
+        self.created = created  # this process made the lock file (a failed create removes it)
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    @classmethod
+    def acquire(cls, directory: str, owner: Optional[str] = None) -> "_StoreLock":
+        path = os.path.join(directory, LOCK_NAME)
+        deadline = time.monotonic() + _LOCK_RETRY_S
+        while True:
+            created = not os.path.exists(path)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StoreError(f"cannot create the lock file {path}: {e.strerror or e}; fix the directory's "
+                                 f"permissions or pass a writable --pskd-store-dir") from e
+            if fcntl is None:  # pragma: no cover
+                os.close(fd)
+                _warn_unlocked(directory, "no flock on this platform")
+                return cls(path, None, created)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in _BUSY:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    raise StoreLockedError(directory, _read_holder(path)) from None
+                if e.errno in _NO_LOCKING:
+                    _warn_unlocked(directory, f"flock: {e.strerror or e}")
+                    return cls(path, None, created)
+                raise StoreError(f"cannot lock {path}: {e.strerror or e}; pass a --pskd-store-dir on a local filesystem") from e
+            # A failed create removes the lock file it made: if that happened between our open and
+            # our flock, we hold a lock on a file nobody else will open. Lock the one there now.
+            try:
+                st, fst = os.stat(path), os.fstat(fd)
+                same = (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            _lock_fds.add(fd)
+            info = {"host": socket.gethostname(), "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "owner": owner,
+                    "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else sys.executable}
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+            except OSError:  # the lock holds without the details
+                pass
+            return cls(path, fd, created)
+
+    def release(self) -> None:
+        """Idempotent; also called by the store's finalizer."""
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        _lock_fds.discard(fd)
+        try:
+            os.ftruncate(fd, 0)  # nobody holds it: no details to show
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def lock_holder(directory) -> Optional[Dict[str, Any]]:
+    """Who holds the store's lock now: the details its holder wrote ({} if none), or None when
+    the store is not locked (or the filesystem cannot tell). Takes a shared lock for an instant."""
+    path = os.path.join(os.fspath(directory), LOCK_NAME)
+    if fcntl is None:  # pragma: no cover
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return (_read_holder(path) or {}) if e.errno in _BUSY else None
+    finally:
+        os.close(fd)  # also drops the shared lock
+    return None
 
 
 def _fingerprint(lengths: np.ndarray) -> str:
@@ -558,6 +782,32 @@ class _Core:
 # Public store
 # --------------------------------------------------------------------------------------
 
+def _make_dir(path) -> bool:
+    """Create the store directory if missing; True if this call made it."""
+    if os.path.isdir(path):
+        return False
+    try:
+        os.makedirs(path)
+        return True
+    except FileExistsError:  # made by someone else meanwhile: the lock decides
+        return False
+    except OSError as e:
+        raise StoreError(f"cannot create store directory {path}: {e.strerror or e}; pass a writable --pskd-store-dir") from e
+
+
+def _lock_or_undo(path, owner, made_dir):
+    """The directory's ownership lock; on failure, remove the directory if this call made it."""
+    try:
+        return _StoreLock.acquire(path, owner)
+    except BaseException:
+        if made_dir:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass
+        raise
+
+
 class TopKStore:
     """Top-k (index, probability) of the previous epoch's prediction for every target token.
 
@@ -568,7 +818,8 @@ class TopKStore:
     FORMAT_VERSION = 1
 
     # ---------------------------------------------------------------- construction
-    def __init__(self, path: str, header: Dict[str, Any], lengths: np.ndarray, readonly: bool, max_pending: int = DEFAULT_MAX_PENDING):
+    def __init__(self, path: str, header: Dict[str, Any], lengths: np.ndarray, readonly: bool, max_pending: int = DEFAULT_MAX_PENDING,
+                 lock: Optional[_StoreLock] = None):
         self._path = os.path.abspath(path)
         self._header = header
         self._readonly = bool(readonly)
@@ -576,6 +827,10 @@ class TopKStore:
         self._core = _Core(self._path, header, lengths, self._readonly)
         self._writer_holder: list = [None]
         self._finalizer = weakref.finalize(self, _shutdown_writer, self._writer_holder)
+        self._lock = lock
+        # a store dropped without close() unlocks when it is collected (the writer is drained first:
+        # finalizers run in reverse order of registration)
+        self._lock_finalizer = weakref.finalize(self, lock.release) if lock is not None else None
         self._closed = False
         self._skip_nonfinite = False
 
@@ -587,38 +842,69 @@ class TopKStore:
         lengths_file = 128 + num_sentences * LENGTH_DTYPE.itemsize  # np.save header is 128 bytes for 1-D
         return arrays + lengths_file + 4096  # header.json fits one filesystem block
 
+    @staticmethod
+    def _bytes_on_disk(path: str, num_sentences: int, num_tokens: int, topk: int, vocab_size: int) -> Tuple[int, int]:
+        """(bytes the store's files take on ``path``'s filesystem, its block size): each file
+        rounded up to whole blocks, plus a margin for the filesystem's own metadata (extent
+        trees), so that a free-space check that passes is not followed by ENOSPC in fallocate."""
+        try:
+            st = os.statvfs(path)
+            block = int(st.f_frsize or st.f_bsize or 4096)
+        except (OSError, AttributeError):
+            block = 4096
+        sizes = list(_array_files(num_sentences, num_tokens, topk, vocab_size).values())
+        sizes += [128 + num_sentences * LENGTH_DTYPE.itemsize, 4096, 4096, 1]  # lengths, header, its temp copy, lock
+        total = sum(-(-int(s) // block) * block for s in sizes)
+        return total + total // 1000 + (1 << 20), block
+
     @classmethod
-    def create(cls, path, target_lengths, topk: int, vocab_size: int) -> "TopKStore":
+    def create(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
+               owner: Optional[str] = None) -> "TopKStore":
         """Create a new store in ``path`` (made if missing; must not already hold a store).
 
         Every array file is preallocated to its full size with ``posix_fallocate`` so that a
         full disk fails here, at start-up, and not hours into training. The header is written
         last: a directory without ``header.json`` is an interrupted creation.
+
+        ``lock``: hold the directory's ownership lock while the store is open (see :meth:`open`);
+        ``owner`` is a short description of the user (e.g. its save dir) recorded with it.
         """
         path = os.path.abspath(os.fspath(path))
         lengths = _checked_lengths(target_lengths)
         topk, vocab_size = cls._check_k_vocab(topk, vocab_size)
-        num_sentences, num_tokens = int(lengths.size), int(lengths.sum(dtype=np.int64))
-        index_dtype = _index_dtype(vocab_size)
+        cls._check_can_create(path)
+        made_dir = _make_dir(path)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StoreError(f"store directory {path} is not writable; fix its permissions or pass a writable --pskd-store-dir")
+        held = _lock_or_undo(path, owner, made_dir) if lock else None
+        try:
+            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
 
-        if os.path.exists(os.path.join(path, HEADER_NAME)):
+    @staticmethod
+    def _check_can_create(path: str) -> None:
+        """Refuse a directory that holds a store or files that are not the store's."""
+        if os.path.exists(os.path.join(path, HEADER_NAME)) and _looks_like_store(path):
             raise StoreError(f"{path} already holds a PS-KD store; open it with TopKStore.open / open_or_create, or " + _HINT_DIR.format(path=path))
-        made_dir = False
         if os.path.isdir(path):
             others = sorted(set(os.listdir(path)) - set(_store_file_names()))
+            if os.path.exists(os.path.join(path, HEADER_NAME)):
+                others = sorted(others + [HEADER_NAME])  # not the store's header (see above)
             if others:
                 raise StoreError(f"cannot create a store in {path}: the directory is not empty ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}); pass an empty or new --pskd-store-dir")
             # Only our own leftovers (an interrupted create): overwritten below.
-        else:
-            try:
-                os.makedirs(path)
-                made_dir = True
-            except OSError as e:
-                raise StoreError(f"cannot create store directory {path}: {e.strerror or e}; pass a writable --pskd-store-dir") from e
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise StoreError(f"store directory {path} is not writable; fix its permissions or pass a writable --pskd-store-dir")
 
-        needed = cls.estimate_bytes(num_sentences, num_tokens, topk, vocab_size)
+    @classmethod
+    def _create_locked(cls, path: str, lengths: np.ndarray, topk: int, vocab_size: int,
+                       held: Optional[_StoreLock], made_dir: bool) -> "TopKStore":
+        """create() once the directory exists and (with ``held``) is locked by this process."""
+        cls._check_can_create(path)  # again, under the lock: another process may have created one
+        num_sentences, num_tokens = int(lengths.size), int(lengths.sum(dtype=np.int64))
+        index_dtype = _index_dtype(vocab_size)
+        needed, block = cls._bytes_on_disk(path, num_sentences, num_tokens, topk, vocab_size)
         files = _array_files(num_sentences, num_tokens, topk, vocab_size)
         created: List[str] = []
 
@@ -626,6 +912,11 @@ class TopKStore:
             for p in created + [os.path.join(path, HEADER_NAME + _HEADER_TMP_SUFFIX)]:
                 try:
                     os.unlink(p)
+                except OSError:
+                    pass
+            if held is not None and held.created:  # leave the directory as it was
+                try:
+                    os.unlink(held.path)
                 except OSError:
                     pass
             if made_dir:
@@ -644,8 +935,9 @@ class TopKStore:
             free = free_bytes()
             if 0 <= free < needed:
                 raise StoreError(
-                    f"not enough disk space for the PS-KD store in {path}: needs {needed} bytes ({_human(needed)}), "
-                    f"{free} bytes ({_human(free)}) free. Free space, use a smaller --pskd-topk, or pass a --pskd-store-dir on a larger disk")
+                    f"not enough disk space for the PS-KD store in {path}: needs {needed} bytes ({_human(needed)}: its files "
+                    f"in whole {block}-byte filesystem blocks, and a margin), {free} bytes ({_human(free)}) free. Free space, "
+                    f"use a smaller --pskd-topk, or pass a --pskd-store-dir on a larger disk")
             for name, size in files.items():
                 fp = os.path.join(path, name)
                 fd = os.open(fp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -679,6 +971,7 @@ class TopKStore:
                 "stamp_dtype": STAMP_DTYPE.name,
                 "lengths_fingerprint": _fingerprint(lengths),
                 "buffers": [{"epoch": None, "sentences_written": 0}, {"epoch": None, "sentences_written": 0}],
+                "run_id": None,
             }
             hp = os.path.join(path, HEADER_NAME)
             created.append(hp)
@@ -690,24 +983,53 @@ class TopKStore:
         except BaseException:
             cleanup()
             raise
-        return cls(path, header, stored, readonly=False)
+        return cls(path, header, stored, readonly=False, lock=held)
 
     @classmethod
-    def open(cls, path, target_lengths=None, topk: Optional[int] = None, vocab_size: Optional[int] = None, readonly: bool = False) -> "TopKStore":
+    def open(cls, path, target_lengths=None, topk: Optional[int] = None, vocab_size: Optional[int] = None, readonly: bool = False,
+             lock: bool = True, owner: Optional[str] = None, _held: Optional[_StoreLock] = None) -> "TopKStore":
         """Open an existing store, validating header and file sizes.
 
         ``target_lengths``, ``topk`` and ``vocab_size``, when given, must match the store.
+
+        Opened for writing with ``lock`` (the default), the store is locked against every other
+        process until it is closed (an exclusive ``flock`` on ``DIR/lock``; the kernel drops it when
+        the process ends, ``kill -9`` included); a second process gets :class:`StoreLockedError`
+        naming the holder. ``owner`` is a short description recorded with the lock (e.g. the save
+        dir). Readonly opens never lock. ``lock=False`` is for the other processes of the run
+        that holds the lock (data-parallel ranks that write into the same store).
         """
         path = os.path.abspath(os.fspath(path))
-        hint = _HINT_DIR.format(path=path)
         if not os.path.isdir(path):
             raise StoreError(f"no PS-KD store at {path}: the directory does not exist; create one with TopKStore.create / open_or_create or pass the right --pskd-store-dir")
         hp = os.path.join(path, HEADER_NAME)
         if not os.path.exists(hp):
-            raise StoreError(f"{path} has no {HEADER_NAME}: it is not a PS-KD store or its creation was interrupted; " + hint)
+            if _looks_like_store(path):
+                raise StoreError(f"{path} has no {HEADER_NAME}: its creation was interrupted; " + _HINT_DIR.format(path=path))
+            raise StoreError(_not_a_store(path))
+        if not readonly and not os.access(path, os.W_OK):
+            raise StoreError(f"the PS-KD store at {path} is not writable; fix permissions, open it with readonly=True, or pass another --pskd-store-dir")
+        held = _held
+        if held is None and lock and not readonly:
+            held = _StoreLock.acquire(path, owner)  # before reading anything: a writer may be mid-update
+        try:
+            store = cls._open_checked(path, target_lengths, topk, vocab_size, readonly, held)
+        except BaseException:
+            if held is not None and _held is None:
+                held.release()
+            raise
+        return store
+
+    @classmethod
+    def _open_checked(cls, path: str, target_lengths, topk, vocab_size, readonly: bool,
+                      held: Optional[_StoreLock]) -> "TopKStore":
+        hint = _delete_hint(path)
+        hp = os.path.join(path, HEADER_NAME)
         try:
             with open(hp, "r", encoding="utf-8") as f:
                 header = json.load(f)
+        except FileNotFoundError as e:  # removed since open() looked
+            raise StoreError(f"{path} has no {HEADER_NAME}; " + hint) from e
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StoreError(f"{hp} is unreadable or corrupt ({e}); " + hint) from e
         header = cls._check_header(header, hp, hint)
@@ -747,20 +1069,39 @@ class TopKStore:
             raise StoreError(f"the PS-KD store at {path} keeps topk={header['topk']} but topk={int(topk)} was requested; use topk={header['topk']} or " + hint)
         if vocab_size is not None and int(vocab_size) != header["vocab_size"]:
             raise StoreError(f"the PS-KD store at {path} was built for vocab_size={header['vocab_size']} but vocab_size={int(vocab_size)} was requested (another dictionary?); " + hint)
-        if not readonly and not os.access(path, os.W_OK):
-            raise StoreError(f"the PS-KD store at {path} is not writable; fix permissions, open it with readonly=True, or pass another --pskd-store-dir")
         try:
-            return cls(path, header, stored, readonly=readonly)
+            return cls(path, header, stored, readonly=readonly, lock=held)
         except PermissionError as e:
             raise StoreError(f"cannot open the PS-KD store at {path} for writing: {e.strerror or e}; fix permissions, open it with readonly=True, or pass another --pskd-store-dir") from e
 
     @classmethod
-    def open_or_create(cls, path, target_lengths, topk: int, vocab_size: int) -> "TopKStore":
-        """Open the store in ``path`` if it has one (it must match), else create it."""
+    def open_or_create(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
+                       owner: Optional[str] = None) -> "TopKStore":
+        """Open the store in ``path`` if it has one (it must match), else create it.
+
+        With ``lock``, the directory is locked first, so two processes that start at once do not
+        both create (or one open what the other is still creating): the second one gets
+        :class:`StoreLockedError`."""
         path = os.path.abspath(os.fspath(path))
-        if os.path.exists(os.path.join(path, HEADER_NAME)):
-            return cls.open(path, target_lengths=target_lengths, topk=topk, vocab_size=vocab_size)
-        return cls.create(path, target_lengths, topk, vocab_size)
+        if not lock:
+            if os.path.exists(os.path.join(path, HEADER_NAME)):
+                return cls.open(path, target_lengths=target_lengths, topk=topk, vocab_size=vocab_size, lock=False)
+            return cls.create(path, target_lengths, topk, vocab_size, lock=False)
+        lengths = _checked_lengths(target_lengths)  # before anything is made on disk
+        topk, vocab_size = cls._check_k_vocab(topk, vocab_size)
+        if not (os.path.exists(os.path.join(path, HEADER_NAME)) and _looks_like_store(path)):
+            cls._check_can_create(path)  # a foreign directory gets no lock file
+        made_dir = _make_dir(path)
+        held = _lock_or_undo(path, owner, made_dir)
+        try:
+            if os.path.exists(os.path.join(path, HEADER_NAME)):
+                return cls.open(path, target_lengths=lengths, topk=topk, vocab_size=vocab_size, _held=held)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise StoreError(f"store directory {path} is not writable; fix its permissions or pass a writable --pskd-store-dir")
+            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir)
+        except BaseException:
+            held.release()
+            raise
 
     @staticmethod
     def _check_k_vocab(topk, vocab_size) -> Tuple[int, int]:
@@ -794,6 +1135,9 @@ class TopKStore:
         bufs = header.get("buffers")
         if not (isinstance(bufs, list) and len(bufs) == 2 and all(isinstance(b, dict) for b in bufs)):
             raise StoreError(f"{hp} is corrupt: 'buffers' must be a list of two objects; " + hint)
+        # optional: stores written before run identities have none (read as None)
+        if not isinstance(header.get("run_id"), (str, type(None))):
+            raise StoreError(f"{hp} is corrupt: run_id = {header.get('run_id')!r} is not a string; " + hint)
         return header
 
     # ---------------------------------------------------------------- properties
@@ -835,6 +1179,17 @@ class TopKStore:
     def lengths(self) -> np.ndarray:
         """Stored target length of every sentence (read-only int32 array, memory-mapped)."""
         return self._core.lengths
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """Identity of the training run whose priors the store holds (None: not recorded), as
+        this process last read or wrote the header."""
+        return self._header.get("run_id")
+
+    @property
+    def locked(self) -> bool:
+        """Whether this process holds the store's ownership lock (see :meth:`open`)."""
+        return self._lock is not None and self._lock.held
 
     # ---------------------------------------------------------------- internals
     def _check_open(self) -> None:
@@ -1034,19 +1389,17 @@ class TopKStore:
         if self._readonly:
             raise StoreError(f"end_epoch(update_header=True) on the readonly store at {self._path}; pass update_header=False on ranks that opened it readonly")
         b = epoch % 2
-        count = int(np.count_nonzero(np.asarray(self._core.stamps[b]) == epoch))
+        count = self.sentences_written(epoch)
         header = dict(self._header)
         bufs = [dict(x) for x in header["buffers"]]
         bufs[b] = {"epoch": epoch, "sentences_written": count}
         header["buffers"] = bufs
-        try:
-            _write_json_atomic(os.path.join(self._path, HEADER_NAME), header)
-        except OSError as e:
-            raise StoreError(f"cannot update {os.path.join(self._path, HEADER_NAME)}: {e.strerror or e}; check the store directory (the previous header is unchanged)") from e
-        self._header = header
+        self._write_header(header)
 
-    def reset(self) -> None:
-        """Forget every stored prior (zero all stamps): use when a new training run reuses a store dir."""
+    def reset(self, run_id: Optional[str] = None) -> None:
+        """Forget every stored prior (zero all stamps): use when a new training run reuses a store dir.
+
+        ``run_id`` becomes the store's run identity (see :meth:`set_run_id`); None records none."""
         self._check_open()
         if self._readonly:
             raise StoreError(f"cannot reset the readonly store at {self._path}")
@@ -1054,11 +1407,42 @@ class TopKStore:
         for b in (0, 1):
             self._core.stamps[b][:] = 0
             self._core.dirty[b] = True
-        self._core.msync()
+        self._core.msync()  # stamps zeroed on disk before the header says whose store it is
         header = dict(self._header)
         header["buffers"] = [{"epoch": None, "sentences_written": 0}, {"epoch": None, "sentences_written": 0}]
-        _write_json_atomic(os.path.join(self._path, HEADER_NAME), header)
+        header["run_id"] = self._checked_run_id(run_id)
+        self._write_header(header)
+
+    def set_run_id(self, run_id: Optional[str]) -> None:
+        """Record which training run the stored priors belong to (the criterion stores a uuid that
+        its checkpoints carry too, and refuses to resume against another run's priors)."""
+        self._check_open()
+        if self._readonly:
+            raise StoreError(f"cannot set the run identity of the readonly store at {self._path}")
+        header = dict(self._header)
+        header["run_id"] = self._checked_run_id(run_id)
+        self._write_header(header)
+
+    @staticmethod
+    def _checked_run_id(run_id) -> Optional[str]:
+        if run_id is not None and not isinstance(run_id, str):
+            raise StoreError(f"run_id must be a string or None, got {run_id!r}")
+        return run_id
+
+    def _write_header(self, header: Dict[str, Any]) -> None:
+        hp = os.path.join(self._path, HEADER_NAME)
+        try:
+            _write_json_atomic(hp, header)
+        except OSError as e:
+            raise StoreError(f"cannot update {hp}: {e.strerror or e}; check the store directory (the previous header is unchanged)") from e
         self._header = header
+
+    def sentences_written(self, epoch: int) -> int:
+        """How many sentences hold rows written by ``epoch`` (their stamp in buffer ``epoch % 2``),
+        i.e. how many have a prior in epoch ``epoch + 1``; counts what is applied so far."""
+        self._check_open()
+        epoch = self._check_epoch(epoch)
+        return int(np.count_nonzero(np.asarray(self._core.stamps[epoch % 2]) == epoch))
 
     def close(self) -> None:
         """Flush and release the maps and the writer thread. Idempotent."""
@@ -1069,6 +1453,8 @@ class TopKStore:
         finally:
             self._finalizer()  # stops the writer thread
             self._core.release()
+            if self._lock_finalizer is not None:
+                self._lock_finalizer()  # unlocks, last: nothing of ours is in flight any more
             self._closed = True
 
     def __enter__(self) -> "TopKStore":
@@ -1115,6 +1501,7 @@ class TopKStore:
             "index_dtype": h["index_dtype"],
             "prob_dtype": h["prob_dtype"],
             "lengths_fingerprint": h["lengths_fingerprint"],
+            "run_id": h.get("run_id"),
             "disk_bytes": disk,
             "disk_human": _human(disk),
             "allocated_bytes": alloc,
@@ -1277,8 +1664,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_inspect(args) -> int:
+    if not args.dir.strip():
+        raise StoreError("inspect needs a store directory (got an empty path); pass the --pskd-store-dir of a run")
     with TopKStore.open(args.dir, readonly=True) as store:
-        print(json.dumps(store.summary(), indent=2))
+        out = store.summary()
+        out["locked_by"] = lock_holder(store.path)  # None: no process has it open for writing
+        print(json.dumps(out, indent=2))
     return 0
 
 
@@ -1305,6 +1696,9 @@ def _cmd_estimate(args) -> int:
         raise StoreError("give --vocab-size V (the target dictionary size)")
     if tokens < 1 or args.topk < 1 or vocab < 1:
         raise StoreError("--tokens, --topk and --vocab-size must be positive")
+    if args.topk > vocab:
+        raise StoreError(f"--topk {args.topk} exceeds the vocabulary size {vocab}: a top-k cannot hold more tokens "
+                         f"than the vocabulary has (the criterion refuses it too); pass --topk <= {vocab}")
     if sentences is None:
         sentences = max(1, tokens // 30)
         notes.append(f"--sentences not given: assumed tokens/30 = {sentences}")

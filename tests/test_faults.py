@@ -1,11 +1,17 @@
 """Faults the store and the criterion must survive or report clearly: a training forward pass
 with inf/NaN log-probabilities (what an fp16 overflow gives; fairseq skips such a step and goes
-on), and a store whose files were damaged on disk after they were written (bit rot, a bad
-copy), read back by the store API and by a resumed fairseq-train."""
+on), a store whose files were damaged on disk after they were written (bit rot, a bad
+copy), read back by the store API and by a resumed fairseq-train, two runs that use one store at
+the same time (the ownership lock), a run resumed against a store another run has written since
+(the run identity), options the store cannot serve (left-padded targets, sharded data), and the
+a_t the epoch log gives under --max-update."""
+import errno
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -277,3 +283,234 @@ def test_resume_with_a_corrupt_store_stops_with_a_clear_error(one_epoch, toy_dat
     assert f"sentence id 17, target position 0, holds a {what}" in log
     assert "lprobs.gather" not in log and "out of bounds" not in log  # not torch's error
     assert "terminate called" not in log
+
+
+# ------------------------------------------------------------------------------ ownership lock, store API
+
+HOLDER = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("pskd_store", {store_py!r})
+mod = importlib.util.module_from_spec(spec); sys.modules["pskd_store"] = mod; spec.loader.exec_module(mod)
+s = mod.TopKStore.open({path!r}, owner="the killed holder")  # writable: locked
+child = os.fork()
+if child == 0:  # like a DataLoader worker forked by fairseq: it inherits the open store
+    time.sleep(120)
+    os._exit(0)
+print(os.getpid(), child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    """A process that has the store open for writing locks it; another process is refused at once
+    with the holder named, can still open it readonly, and opens it as soon as the holder is
+    killed with SIGKILL (nothing to clean up), even though the holder's forked child lives on."""
+    path, lengths = written_store(tmp_path)
+    script = HOLDER.format(store_py=store_mod.__file__, path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        pid, child = map(int, proc.stdout.readline().split())
+        assert pid == proc.pid
+        assert store_mod.lock_holder(path)["pid"] == proc.pid
+        with pytest.raises(store_mod.StoreLockedError) as e:
+            TopKStore.open(path)
+        msg = str(e.value)
+        assert f"the PS-KD store at {path} is in use by pid {proc.pid} on host" in msg, msg
+        assert "the killed holder" in msg and "Two training runs must not share a store" in msg
+        assert e.value.holder["pid"] == proc.pid
+        with TopKStore.open(path, readonly=True) as s:  # readers are never locked out
+            assert s.read(2, np.arange(3))[2].all() and not s.locked
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+        os.kill(child, 0)  # the forked child still runs...
+        assert store_mod.lock_holder(path) is None  # ...and does not hold the lock
+        with TopKStore.open(path, lengths, K, V) as s:
+            assert s.locked and s.read(2, np.arange(len(lengths)))[2].all()  # the priors are intact
+            assert store_mod.lock_holder(path)["pid"] == os.getpid()
+            with pytest.raises(store_mod.StoreLockedError, match="already open for writing in this process"):
+                TopKStore.open_or_create(path, lengths, K, V)
+        assert store_mod.lock_holder(path) is None  # close() unlocks
+    finally:
+        for p in (proc.pid, child):
+            if p:
+                try:
+                    os.kill(p, 9)
+                except ProcessLookupError:
+                    pass
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplog, err):
+    """flock unsupported (Lustre without -o flock: ENOSYS; NFS without lockd: ENOLCK): the store
+    is used unprotected, with a warning that says so."""
+    lengths = np.random.RandomState(0).randint(2, 9, size=20)
+
+    def no_flock(fd, op):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(store_mod.fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING", logger="fairseq_pskd.store"):
+        with TopKStore.open_or_create(tmp_path / "s", lengths, K, V) as s:
+            assert not s.locked
+            s.write(1, np.arange(20), lengths, *softmax_topk(lengths, np.arange(20), seed=3))
+            s.end_epoch(1)
+    assert "cannot lock it" in caplog.text and "NOT protected against a second run" in caplog.text
+    with TopKStore.open(tmp_path / "s") as s:  # and a second open goes on too
+        assert s.read(2, np.arange(20))[2].all()
+
+
+# ------------------------------------------------------------------------------ ownership lock, fairseq-train
+
+HOLD_AFTER_OPEN = """
+from fairseq_cli.train import cli_main  # first: its logging set-up, as under python -m fairseq_cli.train
+
+import os, time
+from fairseq_pskd import criterion
+
+begin_epoch = criterion.PSKDLabelSmoothedCrossEntropyCriterion.begin_epoch
+
+
+def hold(self, epoch):
+    begin_epoch(self, epoch)  # opens (and locks) the store
+    if epoch == 1:  # keep it open until the test says so: the other run is sure to meet it
+        print("HOLDING THE STORE", flush=True)
+        deadline = time.time() + 200
+        while not os.path.exists({release!r}) and time.time() < deadline:
+            time.sleep(0.1)
+
+
+criterion.PSKDLabelSmoothedCrossEntropyCriterion.begin_epoch = hold
+cli_main()
+"""
+
+
+def test_two_runs_started_at_once_on_one_store(toy_data_bin, tmp_path):
+    """Two fairseq-train runs started together with the same --pskd-store-dir: the one that opens
+    the store second stops at once (exit status 1, before any training step) naming the other's
+    pid; the other trains to the end. The first holds the store in epoch 1 until the second has
+    stopped (a pause added by the wrapper script), so which run wins may vary, the outcome not."""
+    store = tmp_path / "shared_store"
+    script = tmp_path / "hold.py"
+    script.write_text(HOLD_AFTER_OPEN.format(release=str(tmp_path / "release")))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(
+        [sys.executable, str(script), *map(str, train_args(toy_data_bin, tmp_path / name, 2)),
+         "--pskd-store-dir", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for name in ("a", "b")]
+    try:
+        deadline = time.time() + 300
+        while all(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(0.2)
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        winner = 1 - loser
+        assert procs[winner].poll() is None  # still training: it held the store all along
+        (tmp_path / "release").touch()
+        logs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        (tmp_path / "release").touch()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lost, won = logs[loser], logs[winner]
+    assert procs[loser].returncode == 1, lost[-4000:]
+    assert (f"StoreLockedError: the PS-KD store at {store} is in use by pid {procs[winner].pid} on "
+            f"host") in lost, lost[-4000:]
+    assert f"save dir {tmp_path / 'ab'[winner]}" in lost  # the holder's own description
+    assert "train_inner" not in lost and "HOLDING THE STORE" not in lost  # stopped before training
+    assert procs[winner].returncode == 0, won[-4000:]
+    assert sorted(train_stats(won)) == [1, 2] and train_stats(won)[2]["pskd_coverage"] == 1.0
+    assert store_mod.lock_holder(store) is None
+
+
+# ------------------------------------------------------------------------------ run identity, fairseq-train
+
+def header_run_id(store):
+    with open(os.path.join(store, "header.json")) as f:
+        return json.load(f)["run_id"]
+
+
+def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
+    """Run A trains 2 epochs, run B (a new run) then trains 1 epoch with the same store directory,
+    and A resumes for epoch 3: it stops (exit status 1) instead of training on B's priors, naming
+    the store and what to do. Doing that (deleting the store) resumes A: epoch 3 trains without
+    priors (a warning says so) and stores A's own for epoch 4."""
+    store = tmp_path / "store"
+    run_a = [*train_args(toy_data_bin, tmp_path / "a", 2), "--pskd-store-dir", store]
+    run_fairseq("train", *run_a)
+    id_a = header_run_id(store)
+    ckpt = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert len(id_a) == 32 and ckpt["extra_state"]["train_iterator"]["pskd_run_id"] == id_a
+    run_fairseq("train", *train_args(toy_data_bin, tmp_path / "b", 1), "--pskd-store-dir", store)
+    id_b = header_run_id(store)
+    assert id_b not in (None, id_a)
+
+    resume_a = [*train_args(toy_data_bin, tmp_path / "a", 3), "--pskd-store-dir", store]
+    proc = run_fairseq("train", *resume_a, check=False)
+    log = proc.stdout
+    assert "Loaded checkpoint" in log
+    assert proc.returncode == 1, log[-4000:]
+    assert (f"StoreError: the PS-KD store at {store} holds the priors of another training run (run "
+            f"{id_b}), not of the run this checkpoint belongs to (run {id_a})") in log, log[-4000:]
+    assert f"Delete {store} (it is only a cache" in log and "or pass an empty --pskd-store-dir" in log
+    assert "train_inner" not in log.split("Loaded checkpoint")[1]  # no step trained on B's priors
+    assert header_run_id(store) == id_b  # B's store left as it was
+
+    shutil.rmtree(store)  # what the message says
+    log = run_fairseq("train", *resume_a).stdout
+    assert (f"PS-KD epoch 3: the store at {store} holds no priors of epoch 2 (a new or emptied store), "
+            f"so this epoch trains against the label-smoothed target alone") in log, log[-4000:]
+    train = train_stats(log)
+    assert sorted(train) == [3] and train[3]["pskd_coverage"] == 0.0
+    assert header_run_id(store) == id_a  # A's store again, with A's epoch-3 priors
+    with TopKStore.open(store, readonly=True) as s:
+        assert s.sentences_written(3) == 240
+
+
+# ------------------------------------------------------------------------------ options the store cannot serve
+
+def test_left_padded_targets_and_sharded_data_are_refused(toy_data_bin, tmp_path):
+    """--left-pad-target (priors would land on the wrong positions) and sharded data a:b (the
+    training set changes every epoch) stop fairseq-train before training, with the option named
+    and what to do."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    runs = {
+        "left_pad": train_args(toy_data_bin, tmp_path / "lp", 2) + ["--left-pad-target"],
+        "sharded": [f"{toy_data_bin}{os.pathsep}{toy_data_bin}", *train_args(toy_data_bin, tmp_path / "sh", 2)[1:]],
+    }
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *map(str, args)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for name, args in runs.items()}  # both at once: all of each run is start-up
+    logs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 1, logs[name][-4000:]
+        assert "train_inner" not in logs[name]
+    assert ("ValueError: --left-pad-target: PS-KD stores one prior per target position of a "
+            "right-padded target") in logs["left_pad"], logs["left_pad"][-4000:]
+    assert "drop --left-pad-target" in logs["left_pad"]
+    assert "ValueError: PS-KD needs the same training set every epoch" in logs["sharded"], logs["sharded"][-4000:]
+    assert "(2 shards" in logs["sharded"] and "binarise the shards into one data directory" in logs["sharded"]
+    assert not (tmp_path / "lp" / "pskd_store").exists() and not (tmp_path / "sh" / "pskd_store").exists()
+
+
+# ------------------------------------------------------------------------------ a_t under --max-update
+
+def test_epoch_log_gives_a_t_at_the_epoch_first_update(toy_data_bin, tmp_path):
+    """With --max-update and no --max-epoch, a_t grows per update: the start-of-epoch log gives it
+    at the epoch's first update (not at update 1 of the run), also after a resume."""
+    def args(max_update):
+        a = train_args(toy_data_bin, tmp_path / "u", 1)
+        i = a.index("--max-epoch")
+        return a[:i] + ["--max-update", max_update] + a[i + 2:]
+
+    log = run_fairseq("train", *args(12)).stdout
+    train = train_stats(log)
+    assert sorted(train) == [1, 2, 3] and train[1]["num_updates"] == 5 and train[2]["num_updates"] == 10
+    for epoch, first in ((1, 1), (2, 6), (3, 11)):
+        line = f"PS-KD epoch {epoch}: a_t = {0.8 * first / 12:.4f} from update {first} of --max-update 12"
+        assert line in log, (line, log[-4000:])
+    # resumed inside epoch 3 (fairseq stopped it at update 12): the first update after the resume
+    log = run_fairseq("train", *args(14)).stdout
+    assert "PS-KD epoch 3: a_t = {:.4f} from update 13 of --max-update 14".format(0.8 * 13 / 14) in log, log[-4000:]

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -682,6 +683,68 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+def test_cli_never_advises_deleting_what_is_not_a_store(tmp_path, capsys):
+    """inspect of a directory that is not a store (a data directory, "", one with someone else's
+    header.json) says so and never says to delete it; a real store's leftovers still get that advice."""
+    from fairseq_pskd.store import main
+    data = tmp_path / "data-bin"
+    data.mkdir()
+    write_fairseq_idx(data / "train.en-de.de.idx", [3, 4])
+    (data / "dict.de.txt").write_text("w 1\n")
+    assert main(["inspect", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {data} is not a PS-KD store (no header.json and none of the store's files)" in err, err
+    assert main(["inspect", ""]) == 2
+    err += capsys.readouterr().err
+    assert "error: inspect needs a store directory (got an empty path)" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "header.json").write_text(json.dumps({"name": "someone else's", "version": 3}))
+    assert main(["inspect", str(other)]) == 2
+    msg = capsys.readouterr().err
+    assert f"{other} holds none of the store's files, so it is not a PS-KD store" in msg, msg
+    err += msg
+    assert "delete" not in err.lower() and "Traceback" not in err
+    # a writable open / create refuses both without leaving a lock file behind
+    for d in (data, other):
+        before = sorted(os.listdir(d))
+        with pytest.raises(StoreError) as e:
+            TopKStore.open_or_create(d, [3, 4], K, V)
+        assert "not empty" in str(e.value) and "delete" not in str(e.value)
+        assert sorted(os.listdir(d)) == before
+    # an interrupted creation (the store's files, no header) is the store's: deleting it is the advice
+    TopKStore.create(tmp_path / "s", [3, 4], K, V).close()
+    os.unlink(tmp_path / "s" / "header.json")
+    assert main(["inspect", str(tmp_path / "s")]) == 2
+    assert f"has no header.json: its creation was interrupted; delete {tmp_path / 's'}" in capsys.readouterr().err
+
+
+def test_cli_estimate_refuses_topk_above_the_vocabulary(capsys):
+    from fairseq_pskd.store import main
+    assert main(["estimate", "--tokens", "1000", "--topk", "200", "--vocab-size", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --topk 200 exceeds the vocabulary size 100" in err and "pass --topk <= 100" in err
+    assert main(["estimate", "--tokens", "1000", "--topk", "100", "--vocab-size", "100", "--json"]) == 0
+
+
+def test_free_space_check_counts_filesystem_blocks(tmp_path, lengths, monkeypatch):
+    """Free space that covers the files' byte sizes but not the whole blocks they take (64 KiB
+    blocks here) gets the clear message before any file is written, not ENOSPC from fallocate."""
+    import shutil
+    exact = TopKStore.estimate_bytes(len(lengths), int(lengths.sum()), K, V)
+    fake = os.statvfs_result((65536, 65536, 10**6, 10**6, 10**6, 10**6, 10**6, 10**6, 0, 255))
+    monkeypatch.setattr(os, "statvfs", lambda p: fake)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - exact - 10, exact + 10))
+    with pytest.raises(StoreError, match=r"not enough disk space .*needs (\d+) bytes .*whole 65536-byte filesystem blocks.*"
+                                         rf"{exact + 10} bytes .* free") as e:
+        TopKStore.create(tmp_path / "s", lengths, K, V)
+    needed = int(re.search(r"needs (\d+) bytes", str(e.value)).group(1))
+    assert needed >= 10 * 65536 > exact  # 6 arrays, lengths, header, its temp copy, lock: whole blocks
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - needed, needed))
+    TopKStore.create(tmp_path / "s", lengths, K, V).close()  # exactly enough: created
 
 
 # ------------------------------------------------------------------------------ more write paths
