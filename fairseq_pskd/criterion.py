@@ -193,14 +193,49 @@ def _tail_mean_log_prob(lprobs, prior_indices):
     (each <= 1), so a tail the model holds almost no mass on stays finite: 1 - sum_K pi would
     cancel catastrophically there. An empty tail (k = V, or all mass on K) gives 0.
     """
+    return _TailMeanLogProb.apply(lprobs, prior_indices.long())
+
+
+class _TailMeanLogProb(torch.autograd.Function):
+    """Forward: t = sum_v w_v log p_v; backward: grad_lprobs = grad_t * w (w carries no
+    gradient). w is recomputed in the backward pass instead of being saved, and on CPU both
+    passes go over blocks of rows through one reused buffer: there, fresh vocabulary-sized
+    tensors cost more in page faults than the arithmetic (benchmarks/throughput.py)."""
+
+    @staticmethod
+    def forward(ctx, lprobs, indices):
+        ctx.save_for_backward(lprobs, indices)
+        out = lprobs.new_empty(lprobs.size(0))
+        for rows, w in _tail_weights(lprobs, indices):
+            out[rows] = torch.bmm(w.unsqueeze(1), lprobs[rows].unsqueeze(2)).view(-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        lprobs, indices = ctx.saved_tensors
+        grad = torch.empty_like(lprobs)
+        for rows, w in _tail_weights(lprobs, indices):
+            torch.mul(w, grad_out[rows].unsqueeze(1), out=grad[rows])
+        return grad, None
+
+
+def _tail_weights(lprobs, indices, block_elements=1 << 22):
+    """(row slice, w) per block of rows: w = exp(lprobs) with the stored columns zeroed and
+    normalised per row (an empty tail stays all zeros, never 0/0). One block on CUDA (no
+    page faults there, and few kernel launches); about 16 MB blocks on CPU."""
+    n, vocab = lprobs.shape
+    step = n if lprobs.is_cuda else max(1, block_elements // vocab)
+    buf = None
     with torch.no_grad():
-        pi = lprobs.detach().exp()
-        pi.scatter_(1, prior_indices.long(), 0.0)
-        tail_mass = pi.sum(-1, keepdim=True)
-        pi = torch.where(tail_mass > 0, pi / tail_mass.clamp_min(torch.finfo(pi.dtype).tiny),
-                         torch.zeros_like(pi))
-    # a batched dot product: no (N, V) product tensor; the gradient w.r.t. lprobs is pi
-    return torch.bmm(pi.unsqueeze(1), lprobs.unsqueeze(2)).view(-1)
+        for start in range(0, n, step):
+            rows = slice(start, min(n, start + step))
+            lp = lprobs[rows]
+            if buf is None or buf.size(0) != lp.size(0):
+                buf = torch.empty_like(lp)
+            w = torch.exp(lp, out=buf)
+            w.scatter_(1, indices[rows], 0.0)
+            w.div_(w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
+            yield rows, w
 
 
 # ---- data-parallel helpers ---------------------------------------------------------------

@@ -213,3 +213,18 @@ def test_current_remainder_edge_cases_are_finite_and_exact():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
     assert torch.all(grad[5] == 0)  # padding
+
+
+def test_current_remainder_over_row_blocks(monkeypatch):
+    """On CPU the tail is computed over blocks of rows (one reused buffer): blocks of 2 rows
+    give the same loss and gradient as the dense target."""
+    from fairseq_pskd import criterion
+
+    monkeypatch.setattr(criterion._tail_weights, "__defaults__", (50,))  # 50 // 23 = 2 rows a block
+    logits, target, teacher, mask = make_case()
+    probs, idx = teacher.topk(4, -1)
+    loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")
+    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1,
+                                   densify(idx, probs, logits.size(1), "current", logits), mask)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
