@@ -246,7 +246,8 @@ def main():
     p.add_argument("--json", help="write all measurements and ratios here")
     p.add_argument("--remainder", nargs="+", default=["uniform"],
                    choices=["uniform", "current", "renormalize"],
-                   help="--pskd-remainder modes to measure for each k (default: uniform)")
+                   help="--pskd-remainder modes to measure for each k (default: uniform, the "
+                        "cheapest; the criterion's default is current)")
     p.add_argument("--inline-topk", action="store_true",
                    help="CPU: also measure each k with the top-k on the training thread instead of "
                         "the criterion's helper thread (what the helper saves)")

@@ -87,7 +87,8 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
                           "(node-local stores, no shared filesystem; see docs/DISTRIBUTED.md)"},
     )
     pskd_remainder: REMAINDER_CHOICES = field(
-        default="uniform",
+        # current: the lowest validation NLL at every a_T measured (docs/RESULTS.md)
+        default="current",
         metadata={"help": "probability mass outside the stored top-k: 'uniform' spreads "
                           "1 - sum(top-k) evenly over the other tokens; 'current' spreads it "
                           "in proportion to the current model's own (detached) probabilities "

@@ -157,15 +157,16 @@ def test_store_from_another_dataset_is_refused(uninterrupted, tmp_path):
     assert "another dataset" in proc.stdout or "fingerprint" in proc.stdout, proc.stdout[-3000:]
 
 
-def test_current_remainder_through_fairseq_train(uninterrupted, toy_data_bin, tmp_path):
-    """--pskd-remainder current trains through the CLI: the same epoch 1 as uniform (no prior
-    yet), then a different loss from epoch 2 on (the tail's shape is the model's, not flat),
-    with finite losses and full coverage."""
-    _, uniform_log = uninterrupted
-    proc = run_fairseq("train", *pskd_args(toy_data_bin, tmp_path / "cur", 4,
-                                           "--pskd-remainder", "current"))
-    assert "remainder=current" in proc.stdout
-    cur, uni = epoch_stats(proc.stdout), epoch_stats(uniform_log)
+def test_remainder_modes_through_fairseq_train(uninterrupted, toy_data_bin, tmp_path):
+    """--pskd-remainder current (the default) and uniform train through the CLI: the same
+    epoch 1 (no prior yet), then different losses from epoch 2 on (the tail's shape is the
+    model's, not flat), with finite losses and full coverage."""
+    _, current_log = uninterrupted
+    assert "remainder=current" in current_log
+    proc = run_fairseq("train", *pskd_args(toy_data_bin, tmp_path / "uni", 4,
+                                           "--pskd-remainder", "uniform"))
+    assert "remainder=uniform" in proc.stdout
+    cur, uni = epoch_stats(current_log), epoch_stats(proc.stdout)
     assert sorted(cur) == sorted(uni) == [1, 2, 3, 4]
     assert cur[1]["loss"] == uni[1]["loss"]
     for e in (2, 3, 4):
