@@ -189,3 +189,31 @@ def test_sentences_an_epoch_leaves_out_are_counted(tmp_path):
                                           "--required-batch-size-multiple", "1")).stdout
     assert "PS-KD epoch 1 priors: 100 of 100 training sentences stored" in log
     assert "were not trained" not in log
+
+
+def test_mid_epoch_resume_without_update_epoch_batch_itr_warns(uninterrupted, toy_data_bin, tmp_path):
+    """A kill after a mid-epoch checkpoint, resumed without --update-epoch-batch-itr True: fairseq
+    rebuilds the epoch's batches differently, so the batches it skips are not the ones trained
+    before the kill and some sentences go untrained in that epoch. The next epoch's start says
+    how many and which flag prevents it (with the flag, as in `uninterrupted`, nothing is said)."""
+    assert "were not trained" not in uninterrupted[1]
+    save = tmp_path / "ckpt"
+    args = [a for a in pskd_args(toy_data_bin, save, 3) if a not in ("--update-epoch-batch-itr", "True")]
+    args += ["--save-interval-updates", "2"]  # mid-epoch checkpoints
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen, deadline = [], time.time() + 300
+    for line in proc.stdout:  # kill -9 at the 4th update of epoch 2, after the checkpoint at its 3rd
+        seen.append(line)
+        if re.search(r"epoch 002:\s+4 /", line) or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    killed_log = "".join(seen)
+    assert proc.returncode == -signal.SIGKILL and "checkpoint_2_8.pt" in killed_log, killed_log[-3000:]
+    resumed = run_fairseq("train", *args).stdout
+    assert "Loaded checkpoint" in resumed and "epoch 2 @ 8 updates" in resumed
+    m = re.search(r"PS-KD epoch 2: (\d+) of the 240 training sentences were not trained", resumed)
+    assert m and int(m.group(1)) > 0, resumed[-4000:]
+    assert "--update-epoch-batch-itr True" in resumed
