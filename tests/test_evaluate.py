@@ -213,7 +213,9 @@ def test_score_errors_exit_2_without_traceback(gen_files, tmp_path):
     proc = run_cli("score", "--generate-output", gen, "--ref", longer)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: 4 hypotheses in {gen} but 5 reference lines in {longer}")
+        f"error: 4 hypotheses in {gen} but 5 reference lines in {longer}; fairseq-generate leaves "
+        f"out the last sentences of a set whose size is not a multiple of "
+        f"--required-batch-size-multiple (default 8): decode with --required-batch-size-multiple 1")
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     # in-process the same checks return 2
     assert ev.main(["score", "--generate-output", gen, "--ref", tmp_path / "missing.en"]) == 2
