@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU checks in one script, for a session that is lent a GPU machine (no network there,
-# Python 3.12 with torch, no fairseq). Under 10 minutes on one H200 with the defaults.
+# The GPU checks in one script, for a GPU machine that may have no network (Python 3.12 with
+# torch, no fairseq). Under 10 minutes on one H200 with the defaults.
 #
 # 1. Here, with network, once:
 #      bash benchmarks/gpu_check.sh --fetch     # wheels for fairseq and what that image lacks -> .whl/
 #      bash scripts/prepare-multi30k.sh --out work/quickstart/data/multi30k-de-en --src de --tgt en
-# 2. There (the device tool; carry .whl and, of work/quickstart/data/multi30k-de-en, data-bin, ref,
-#    spm.model and prepare.json: about 25 MB in all, under the tool's 64 MiB):
+# 2. On the GPU machine (copy .whl and, of work/quickstart/data/multi30k-de-en, data-bin, ref,
+#    spm.model and prepare.json: about 25 MB in all):
 #      bash benchmarks/gpu_check.sh --out "$OUT" [--epochs 10] [--rounds 3]
 #
 # What it runs (work in --work, default /tmp/pskd-gpu-check); --out gets the summaries below and
@@ -18,8 +18,7 @@
 #                       words/s ratios, peak CUDA memory, syncs caused by the loss
 #   recipe.*            the Multi30k recipe's model (examples/multi30k/run.sh) with --fp16 for
 #                       --epochs epochs, baseline then PS-KD, scored: a short real run
-# Status: written without a GPU (none was lent to the session that wrote it); the
-# --fetch step and the CPU side were run, the GPU steps not yet.
+# Status: the --fetch step and the CPU side have been run, the GPU steps not yet.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

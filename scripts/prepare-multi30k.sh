@@ -6,7 +6,7 @@
 #                               [--extra-tests test_2017_flickr,test_2017_mscoco] [--force]
 #
 # Without --raw the gzipped raw files are downloaded from github.com/multi30k/dataset.
-# On the project machine: scripts/prepare-multi30k.sh --out data/multi30k --raw ../shared/data/multi30k
+# With a local copy of data/task1/raw: scripts/prepare-multi30k.sh --out data/multi30k --raw /path/to/raw
 #
 # All options: scripts/prepare-multi30k.sh --help. The work is done by
 # `python -m fairseq_pskd.prepare multi30k`; this wrapper only picks the Python.
