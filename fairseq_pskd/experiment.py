@@ -261,6 +261,8 @@ def score(args):
     out = Path(args.out).resolve() if args.out else run_dir / f"score-{name}"
     enc, bin_dir = out / "encoded", out / "data-bin"
     out.mkdir(parents=True, exist_ok=True)
+    for old in ("generate.test.txt", "score.test.json", "calibration.test.json"):
+        (out / old).unlink(missing_ok=True)  # from an earlier score into OUT: never reused
     # the preprocessing of scripts/prepare-*.sh (prepare/pipeline.py), as its manifest records
     normalize = manifest.get("text", {}).get("normalize_punctuation", True)
     sp = subword.load(prepared / manifest["spm"]["model"])
