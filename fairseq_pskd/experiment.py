@@ -386,7 +386,7 @@ def table(args):
     if args.paired_bs and len(results) > 1:
         _paired_bootstrap(results, [Path(p).parent for p in args.results])
     print(format_table(results, markdown=args.markdown))
-    if args.paired_bs:
+    if args.paired_bs and len(results) > 1:
         print(f"\np: sacreBLEU paired bootstrap (1,000 resamples) of BLEU against {results[0]['name']}")
     if len(results) == 2:
         a, b = results

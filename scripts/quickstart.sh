@@ -94,7 +94,7 @@ if [[ -n "$VARIANT" ]]; then
     [[ -f "$WORK/$name/results.json" ]] && TABLE+=("$WORK/$name/results.json")
   done
   echo
-  "$PY" -m fairseq_pskd.experiment table "${TABLE[@]}"
+  "$PY" -m fairseq_pskd.experiment table "${TABLE[@]}" --paired-bs
   echo "[quickstart] $VARIANT done in $(( ($(date +%s) - START) / 60 )) min"
   exit 0
 fi
@@ -110,7 +110,7 @@ wait $PID_P || { echo "[quickstart] PS-KD failed: see $WORK/pskd.log" >&2; tail 
   --labels baseline PS-KD --out "$WORK/curves.png" >/dev/null
 echo
 echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM; ECE: 10 equal-width bins, teacher forcing)"
-"$PY" -m fairseq_pskd.experiment table "$WORK/baseline/results.json" "$WORK/pskd/results.json" \
+"$PY" -m fairseq_pskd.experiment table "$WORK/baseline/results.json" "$WORK/pskd/results.json" --paired-bs \
   | tee "$WORK/results.txt"
 echo
 echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png, reliability diagrams: $WORK/*/reliability.test.png"
