@@ -10,8 +10,8 @@
 #      bash benchmarks/gpu_check.sh --out "$OUT" [--epochs 10] [--rounds 3]
 #
 # What it runs (work in --work, default /tmp/pskd-gpu-check); --out gets the summaries below and
-# gpu-check.tgz with every log and result file (no checkpoints), as the device tool brings back
-# at most 8 files:
+# gpu-check.tgz with every log and result file (no checkpoints), so that a few files carry it
+# all back:
 #   store-cuda.txt      tests/test_store_cuda.py: the store's CUDA write path (one packed
 #                       non-blocking copy, no sync in the caller, rows read back exactly)
 #   throughput-gpu.*    benchmarks/throughput.py --fp16, k = 8 and 32 against label smoothing:

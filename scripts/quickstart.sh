@@ -5,8 +5,8 @@
 #   bash scripts/quickstart.sh            # full run: under 60 min on 2 CPU cores
 #   bash scripts/quickstart.sh --quick    # smoke run: a tiny model, 2 epochs, under 10 min
 #
-# Options: --work DIR (default ./work/quickstart[-quick]), --raw DIR (local Multi30k raw files;
-# default ../shared/data/multi30k when it exists, else download from the official repository).
+# Options: --work DIR (default ./work/quickstart[-quick]), --raw DIR (a local copy of Multi30k's
+# data/task1/raw files; default: download them from the official repository).
 # Rerunning skips what is finished (prepare steps, trained epochs, decoded sets).
 #
 #   bash scripts/quickstart.sh --variant NAME -- ARGS...
@@ -42,7 +42,6 @@ fi
 if [[ -z "$WORK" ]]; then
   if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"; else WORK="work/quickstart"; fi
 fi
-if [[ -z "$RAW" && -d "$ROOT/../shared/data/multi30k" ]]; then RAW="$ROOT/../shared/data/multi30k"; fi
 START=$(date +%s)
 
 bash scripts/install.sh
