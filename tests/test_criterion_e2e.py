@@ -43,6 +43,22 @@ def pskd_args(data_bin, save_dir, max_epoch=4, *extra):
             "--label-smoothing", "0.1", "--max-epoch", max_epoch, "--save-dir", save_dir, *extra]
 
 
+def train_until_killed(args, pattern, timeout=300):
+    """fairseq-train ARGS, killed with SIGKILL at the first log line matching ``pattern``;
+    returns (return code, the log up to the kill)."""
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line) or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    return proc.returncode, "".join(seen)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(toy_data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("pskd_full")
@@ -108,19 +124,9 @@ def test_kill_during_epoch_3_and_resume_reproduces(uninterrupted, toy_data_bin, 
     _, full_log = uninterrupted
     full = epoch_stats(full_log)
     save = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, pskd_args(toy_data_bin, save))]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen = []
-    deadline = time.time() + 300
-    for line in proc.stdout:  # kill -9 at the second logged update of epoch 3
-        seen.append(line)
-        if re.search(r"epoch 003:\s+2 /", line) or time.time() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    killed_log = "".join(seen)
-    assert proc.returncode == -signal.SIGKILL, killed_log[-2000:]
+    # kill -9 at the second logged update of epoch 3
+    returncode, killed_log = train_until_killed(pskd_args(toy_data_bin, save), r"epoch 003:\s+2 /")
+    assert returncode == -signal.SIGKILL, killed_log[-2000:]
     assert sorted(epoch_stats(killed_log)) == [1, 2], "killed run must die inside epoch 3"
 
     resumed = run_fairseq("train", *pskd_args(toy_data_bin, save))
@@ -200,18 +206,9 @@ def test_mid_epoch_resume_without_update_epoch_batch_itr_warns(uninterrupted, to
     save = tmp_path / "ckpt"
     args = [a for a in pskd_args(toy_data_bin, save, 3) if a not in ("--update-epoch-batch-itr", "True")]
     args += ["--save-interval-updates", "2"]  # mid-epoch checkpoints
-    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen, deadline = [], time.time() + 300
-    for line in proc.stdout:  # kill -9 at the 4th update of epoch 2, after the checkpoint at its 3rd
-        seen.append(line)
-        if re.search(r"epoch 002:\s+4 /", line) or time.time() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    killed_log = "".join(seen)
-    assert proc.returncode == -signal.SIGKILL and "checkpoint_2_8.pt" in killed_log, killed_log[-3000:]
+    # kill -9 at the 4th update of epoch 2, after the checkpoint at its 3rd
+    returncode, killed_log = train_until_killed(args, r"epoch 002:\s+4 /")
+    assert returncode == -signal.SIGKILL and "checkpoint_2_8.pt" in killed_log, killed_log[-3000:]
     resumed = run_fairseq("train", *args).stdout
     assert "Loaded checkpoint" in resumed and "epoch 2 @ 8 updates" in resumed
     m = re.search(r"PS-KD epoch 2: (\d+) of the 240 training sentences were not trained", resumed)
