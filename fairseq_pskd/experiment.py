@@ -20,6 +20,7 @@ import difflib
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -325,8 +326,6 @@ def _rows(results_list):
 def _table_extras(results, run_dir):
     """What a table shows beside results.json, read from the run directory when it is there:
     sacreBLEU's hypothesis/reference length ratio per test set, the last validation nll_loss."""
-    import re
-
     extras = {}
     for subset in results["tests"]:
         score_json = run_dir / f"score.{subset}.json"
