@@ -4,9 +4,12 @@
 #
 #   bash scripts/quickstart.sh            # full run: under 60 min on 2 CPU cores
 #   bash scripts/quickstart.sh --quick    # smoke run: a tiny model, 2 epochs, under 10 min
+#   bash scripts/quickstart.sh --long     # to convergence: 40 epochs, last-5 average, seeds 1
+#                                         # and 2 of baseline, PS-KD a_T 0.1 and a_T 0.8 (hours)
 #
-# Options: --work DIR (default ./work/quickstart[-quick]), --raw DIR (a local copy of Multi30k's
-# data/task1/raw files; default: download them from the official repository).
+# Options: --work DIR (default ./work/quickstart[-quick|-long]), --raw DIR (a local copy of
+# Multi30k's data/task1/raw files; default: download them from the official repository),
+# --seed N (of the main job and of --variant; default 1; --long runs seeds 1 and 2).
 # Rerunning skips what is finished (prepare steps, trained epochs, decoded sets).
 #
 #   bash scripts/quickstart.sh --variant NAME -- ARGS...
@@ -19,18 +22,22 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-QUICK=0; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=()
+QUICK=0; LONG=0; SEED=1; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
+    --long) LONG=1; shift ;;
+    --seed) SEED="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
     --variant) VARIANT="$2"; shift 2 ;;
     --) shift; VARIANT_ARGS=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "quickstart.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+(( QUICK + LONG < 2 )) || { echo "quickstart.sh: --quick and --long exclude each other" >&2; exit 2; }
+[[ "$SEED" =~ ^[0-9]+$ ]] || { echo "quickstart.sh: --seed needs a whole number, not '$SEED'" >&2; exit 2; }
 if [[ -n "$VARIANT" ]]; then
   [[ "$VARIANT" =~ ^[A-Za-z0-9._-]+$ && "$VARIANT" != baseline && "$VARIANT" != pskd ]] || {
     echo "quickstart.sh: --variant needs a new run name (letters, digits, . _ -), not baseline or pskd" >&2; exit 2; }
@@ -40,7 +47,9 @@ elif (( ${#VARIANT_ARGS[@]} > 0 )); then
   echo "quickstart.sh: arguments after -- need --variant NAME" >&2; exit 2
 fi
 if [[ -z "$WORK" ]]; then
-  if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"; else WORK="work/quickstart"; fi
+  if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"
+  elif [[ $LONG == 1 ]]; then WORK="work/quickstart-long"
+  else WORK="work/quickstart"; fi
 fi
 START=$(date +%s)
 
@@ -53,20 +62,24 @@ bash scripts/prepare-multi30k.sh --out "$DATA" --src de --tgt en ${RAW:+--raw "$
 # Both models see exactly the same model, data, seed, optimiser and epochs; only the criterion
 # differs. The model is small so that 2 runs x the epochs fit the hour on 2 CPU cores; see
 # docs/RESULTS.md for what it reaches and examples/multi30k for the GPU recipe.
+AVERAGE=1
 if [[ $QUICK == 1 ]]; then
   EPOCHS=2; BEAM=1
   MODEL=(--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1
          --encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128
          --decoder-ffn-embed-dim 128 --encoder-attention-heads 2 --decoder-attention-heads 2)
 else
-  EPOCHS=12; BEAM=5
+  # --long: the same model trained until the baseline's validation loss has stopped improving
+  # for several epochs (docs/RESULTS.md shows the curves), then the last 5 epochs averaged.
+  if [[ $LONG == 1 ]]; then EPOCHS=40; AVERAGE=5; else EPOCHS=12; fi
+  BEAM=5
   MODEL=(--arch transformer --share-all-embeddings --encoder-layers 2 --decoder-layers 2
          --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512
          --decoder-ffn-embed-dim 512 --encoder-attention-heads 4 --decoder-attention-heads 4)
 fi
 TRAIN=("${MODEL[@]}" --dropout 0.3 --optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 0.0
        --lr 2e-3 --lr-scheduler inverse_sqrt --warmup-updates 400 --weight-decay 0.0001
-       --max-tokens 4096 --max-epoch "$EPOCHS" --seed 1 --cpu --num-workers 0 --keep-last-epochs 5
+       --max-tokens 4096 --max-epoch "$EPOCHS" --seed @SEED@ --cpu --num-workers 0 --keep-last-epochs 5
        --label-smoothing 0.1)
 BASELINE=(--criterion label_smoothed_cross_entropy)
 # a_T 0.1, not the paper's 0.8: at this 12-epoch budget the model is still under-trained and a
@@ -77,16 +90,16 @@ PSKD=(--criterion pskd --pskd-alpha 0.1 --pskd-topk 8 --pskd-remainder current)
 
 # The two runs go side by side, one core each: small models use a second thread poorly.
 THREADS=$(( $(nproc) / 2 )); (( THREADS >= 1 )) || THREADS=1
-run() {  # name, criterion args...
-  local name="$1"; shift
+run() {  # name, seed, criterion args...
+  local name="$1" seed="$2"; shift 2
   OMP_NUM_THREADS=$THREADS "$PY" -m fairseq_pskd.experiment run --prepared "$DATA" \
-    --out "$WORK/$name" --name "$name" --beam "$BEAM" --cpu -- "${TRAIN[@]}" "$@" \
-    > "$WORK/$name.log" 2>&1
+    --out "$WORK/$name" --name "$name" --beam "$BEAM" --average-last "$AVERAGE" --cpu \
+    -- "${TRAIN[@]/#@SEED@/$seed}" "$@" > "$WORK/$name.log" 2>&1
 }
 mkdir -p "$WORK"
 if [[ -n "$VARIANT" ]]; then
   echo "[quickstart] training variant $VARIANT ($EPOCHS epochs): ${VARIANT_ARGS[*]}; log: $WORK/$VARIANT.log"
-  run "$VARIANT" "${VARIANT_ARGS[@]}" || {
+  run "$VARIANT" "$SEED" "${VARIANT_ARGS[@]}" || {
     echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
   TABLE=()
   for name in baseline pskd "$VARIANT"; do
@@ -97,9 +110,42 @@ if [[ -n "$VARIANT" ]]; then
   echo "[quickstart] $VARIANT done in $(( ($(date +%s) - START) / 60 )) min"
   exit 0
 fi
+if [[ $LONG == 1 ]]; then
+  # Six runs, two at a time (one lane per half of the cores); each lane skips finished runs, so
+  # rerunning the command resumes where it stopped.
+  PSKD_STRONG=(--criterion pskd --pskd-alpha 0.8 --pskd-topk 8 --pskd-remainder current)
+  lane() {  # name:seed:kind ...
+    local spec name seed kind args
+    for spec in "$@"; do
+      IFS=: read -r name seed kind <<< "$spec"
+      case "$kind" in
+        baseline) args=("${BASELINE[@]}") ;; weak) args=("${PSKD[@]}") ;; strong) args=("${PSKD_STRONG[@]}") ;;
+      esac
+      echo "[quickstart] $(date +%H:%M) training $name ($EPOCHS epochs); log: $WORK/$name.log"
+      run "$name" "$seed" "${args[@]}" || {
+        echo "[quickstart] $name failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
+    done
+  }
+  lane baseline-s1:1:baseline pskd-a0.8-s1:1:strong pskd-a0.1-s2:2:weak & PID_A=$!
+  lane pskd-a0.1-s1:1:weak baseline-s2:2:baseline pskd-a0.8-s2:2:strong & PID_B=$!
+  FAIL=0; wait $PID_A || FAIL=1; wait $PID_B || FAIL=1
+  (( FAIL == 0 )) || exit 1
+  NAMES=(baseline-s1 pskd-a0.1-s1 pskd-a0.8-s1 baseline-s2 pskd-a0.1-s2 pskd-a0.8-s2)
+  LOGS=(); for n in "${NAMES[@]}"; do LOGS+=("$WORK/$n/train.log"); done
+  "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --out "$WORK/curves.png" >/dev/null
+  echo
+  echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline)"
+  for s in 1 2; do
+    "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s/results.json --paired-bs
+    echo
+  done | tee "$WORK/results.txt"
+  echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png"
+  exit 0
+fi
+
 echo "[quickstart] training baseline and PS-KD ($EPOCHS epochs each); logs: $WORK/{baseline,pskd}.log"
-run baseline "${BASELINE[@]}" & PID_B=$!
-run pskd "${PSKD[@]}" & PID_P=$!
+run baseline "$SEED" "${BASELINE[@]}" & PID_B=$!
+run pskd "$SEED" "${PSKD[@]}" & PID_P=$!
 FAIL=0
 wait $PID_B || { echo "[quickstart] baseline failed: see $WORK/baseline.log" >&2; tail -20 "$WORK/baseline.log" >&2; FAIL=1; }
 wait $PID_P || { echo "[quickstart] PS-KD failed: see $WORK/pskd.log" >&2; tail -20 "$WORK/pskd.log" >&2; FAIL=1; }
