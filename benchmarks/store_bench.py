@@ -1,4 +1,4 @@
-"""Throughput and memory benchmark of the PS-KD top-k store (fairseq_pskd/store.py).
+"""Throughput and memory benchmark of the PS-KD top-k store (fairseq_pskd/store/).
 
 For each k it builds a synthetic store (random sentence lengths, mean ~30 tokens) in a
 temporary directory, then times, on random batches of ~--batch-tokens target tokens taken

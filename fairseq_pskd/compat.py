@@ -26,6 +26,8 @@ FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
 def _omegaconf_globals():
+    import sys
+
     try:
         import collections
         import typing
@@ -38,11 +40,12 @@ def _omegaconf_globals():
                                                "BooleanNode", "EnumNode", "BytesNode", "PathNode")
                   if hasattr(nodes, n)]
     extra = []
-    try:  # broadcast_object replaces tensors by index placeholders (a plain dataclass)
-        from fairseq.distributed.utils import _TensorPlaceholder
-        extra.append(_TensorPlaceholder)
-    except ImportError:  # the plugin also works as a library without fairseq
-        pass
+    if "fairseq" in sys.modules:  # never imported from here: the package works without it
+        try:  # broadcast_object replaces tensors by index placeholders (a plain dataclass)
+            from fairseq.distributed.utils import _TensorPlaceholder
+            extra.append(_TensorPlaceholder)
+        except ImportError:
+            pass
     return [DictConfig, ListConfig, ContainerMetadata, Metadata, *node_types,
             collections.defaultdict, dict, list, int, typing.Any, *extra]
 
@@ -66,17 +69,19 @@ def allowed_globals():
     return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals() + _omegaconf_globals()
 
 
-_installed = False
+_installed = set()
 
 
 def install():
-    """Allow exactly what fairseq checkpoints need in torch's weights-only unpickler."""
-    global _installed
-    if _installed:
-        return
+    """Allow exactly what fairseq checkpoints need in torch's weights-only unpickler.
+
+    Called when torch is imported and again when fairseq is (which adds fairseq's own types)."""
     import torch
 
     add = getattr(getattr(torch, "serialization", None), "add_safe_globals", None)
-    if add is not None:  # torch < 2.4 has no allow-list and loads with weights_only=False anyway
-        add(allowed_globals())
-    _installed = True
+    if add is None:  # torch < 2.4 has no allow-list and loads with weights_only=False anyway
+        return
+    new = [g for g in allowed_globals() if g not in _installed]
+    if new:
+        add(new)
+        _installed.update(new)

@@ -40,6 +40,14 @@ def run_fairseq(tool, *args, check=True, env=None, timeout=600):
     return proc
 
 
+def epoch_stats(log, kind="train"):
+    """{epoch: {metric: value}} of a fairseq-train log's end-of-epoch summaries of ``kind``
+    ("train", "valid"), with the package's own parser (fairseq_pskd.plots)."""
+    from fairseq_pskd.plots import parse_lines
+
+    return parse_lines(log.splitlines()).get(kind, {})
+
+
 def make_toy_corpus(directory: Path, n_train=240, n_valid=24, n_test=24, vocab=40, seed=0):
     """A learnable toy task: the target is the source reversed, with a word mapping."""
     rng = random.Random(seed)
@@ -70,13 +78,15 @@ def toy_data_bin(tmp_path_factory):
     return binarize(root / "raw", root / "data-bin")
 
 
-# ---- the real Multi30k data (shared/data/multi30k beside the repository clone) ------------
+# ---- the real Multi30k data ---------------------------------------------------------------
 
-MULTI30K_RAW = SHARED / "data" / "multi30k"
+# a local copy of Multi30k's data/task1/raw files: $MULTI30K_RAW, else shared/data/multi30k beside
+# the repository clone
+MULTI30K_RAW = Path(os.environ.get("MULTI30K_RAW") or SHARED / "data" / "multi30k")
 needs_multi30k = pytest.mark.skipif(
     not (MULTI30K_RAW / "train.de.gz").is_file(),
-    reason=f"real Multi30k data not found at {MULTI30K_RAW} (expected shared/data/multi30k "
-           "beside the clone)")
+    reason=f"real Multi30k data not found at {MULTI30K_RAW} (set MULTI30K_RAW to a local copy "
+           "of its data/task1/raw files)")
 
 
 def run_prepare_multi30k(*argv):

@@ -17,18 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
 from fairseq_pskd import store as store_mod
-from fairseq_pskd.plots import parse_lines
 from fairseq_pskd.store import StoreError, TopKStore
+from fairseq_pskd.store import lock as store_lock
+from fairseq_pskd.store.writer import _Job
 
 K = 4
 V = 1000
-
-
-def train_stats(log):
-    """{epoch: {metric: value}} of the train epoch summaries in a fairseq log's text."""
-    return parse_lines(log.splitlines())["train"]
 
 
 def softmax_topk(lengths, ids, seed, vocab=V, k=K):
@@ -94,8 +90,8 @@ def test_nonfinite_rows_are_dropped_and_counted(tmp_path):
         assert s.summary()["buffers"][1]["sentences_written"] == len(ids) - 2
 
         # the CUDA path's job (ids/lengths from the device, checked after the copy) drops the same way
-        job = store_mod._Job(0, 2, torch.as_tensor(ids), torch.as_tensor(lengths), idx.to(torch.int32),
-                             bad.half(), None, [], validated=False, skip_nonfinite=True)
+        job = _Job(0, 2, torch.as_tensor(ids), torch.as_tensor(lengths), idx.to(torch.int32),
+                   bad.half(), None, [], validated=False, skip_nonfinite=True)
         s._core.apply(job)
         assert s.skipped_nonfinite(2) == 2
         assert s.read(3, ids, lengths)[2].tolist() == [i not in (3, 5) for i in ids]
@@ -171,11 +167,11 @@ def test_nonfinite_forward_pass_does_not_stop_training(toy_data_bin, tmp_path):
     runs = train_with_injection(tmp_path, toy_data_bin, gradient=False, max_epoch=3)
     (ls_rc, ls_log), (rc, log) = runs["ls"], runs["pskd"]
     assert ls_rc == rc == 0, log[-4000:]
-    assert train_stats(ls_log)[1]["loss"] != train_stats(ls_log)[1]["loss"]  # the nan reached the loss
+    assert epoch_stats(ls_log)[1]["loss"] != epoch_stats(ls_log)[1]["loss"]  # the nan reached the loss
     assert "PS-KD epoch 1 priors: 239 of 240 training sentences stored" in log, log[-4000:]
     assert "PS-KD epoch 1 priors: 1 sentences skipped for non-finite values" in log
     assert "PS-KD epoch 2 priors: 240 of 240" in log and "skipped for non-finite" not in log.split("PS-KD epoch 2 priors")[1]
-    train = train_stats(log)
+    train = epoch_stats(log)
     assert sorted(train) == [1, 2, 3]
     assert train[1]["pskd_coverage"] == 0.0
     assert 0.95 < train[2]["pskd_coverage"] < 1.0, train[2]
@@ -289,10 +285,10 @@ def test_resume_with_a_corrupt_store_stops_with_a_clear_error(one_epoch, toy_dat
 # ------------------------------------------------------------------------------ ownership lock, store API
 
 HOLDER = """
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("pskd_store", {store_py!r})
-mod = importlib.util.module_from_spec(spec); sys.modules["pskd_store"] = mod; spec.loader.exec_module(mod)
-s = mod.TopKStore.open({path!r}, owner="the killed holder")  # writable: locked
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from fairseq_pskd.store import TopKStore
+s = TopKStore.open({path!r}, owner="the killed holder")  # writable: locked
 child = os.fork()
 if child == 0:  # like a DataLoader worker forked by fairseq: it inherits the open store
     time.sleep(120)
@@ -307,7 +303,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     with the holder named, can still open it readonly, and opens it as soon as the holder is
     killed with SIGKILL (nothing to clean up), even though the holder's forked child lives on."""
     path, lengths = written_store(tmp_path)
-    script = HOLDER.format(store_py=store_mod.__file__, path=str(path))
+    script = HOLDER.format(repo=str(REPO), path=str(path))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = None
     try:
@@ -351,7 +347,7 @@ def test_filesystem_without_locks_warns_and_goes_on(tmp_path, monkeypatch, caplo
     def no_flock(fd, op):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(store_mod.fcntl, "flock", no_flock)
+    monkeypatch.setattr(store_lock.fcntl, "flock", no_flock)
     with caplog.at_level("WARNING", logger="fairseq_pskd.store"):
         with TopKStore.open_or_create(tmp_path / "s", lengths, K, V) as s:
             assert not s.locked
@@ -422,7 +418,7 @@ def test_two_runs_started_at_once_on_one_store(toy_data_bin, tmp_path):
     assert f"save dir {tmp_path / 'ab'[winner]}" in lost  # the holder's own description
     assert "train_inner" not in lost and "HOLDING THE STORE" not in lost  # stopped before training
     assert procs[winner].returncode == 0, won[-4000:]
-    assert sorted(train_stats(won)) == [1, 2] and train_stats(won)[2]["pskd_coverage"] == 1.0
+    assert sorted(epoch_stats(won)) == [1, 2] and epoch_stats(won)[2]["pskd_coverage"] == 1.0
     assert store_mod.lock_holder(store) is None
 
 
@@ -463,7 +459,7 @@ def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
     log = run_fairseq("train", *resume_a).stdout
     assert (f"PS-KD epoch 3: the store at {store} holds no priors of epoch 2 (a new or emptied store), "
             f"so this epoch trains against the label-smoothed target alone") in log, log[-4000:]
-    train = train_stats(log)
+    train = epoch_stats(log)
     assert sorted(train) == [3] and train[3]["pskd_coverage"] == 0.0
     assert header_run_id(store) == id_a  # A's store again, with A's epoch-3 priors
     with TopKStore.open(store, readonly=True) as s:
@@ -507,7 +503,7 @@ def test_epoch_log_gives_a_t_at_the_epoch_first_update(toy_data_bin, tmp_path):
         return a[:i] + ["--max-update", max_update] + a[i + 2:]
 
     log = run_fairseq("train", *args(12)).stdout
-    train = train_stats(log)
+    train = epoch_stats(log)
     assert sorted(train) == [1, 2, 3] and train[1]["num_updates"] == 5 and train[2]["num_updates"] == 10
     for epoch, first in ((1, 1), (2, 6), (3, 11)):
         line = f"PS-KD epoch {epoch}: a_t = {0.8 * first / 12:.4f} from update {first} of --max-update 12"

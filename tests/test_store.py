@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_pskd import store as store_mod
 from fairseq_pskd.store import StoreError, TopKStore, read_fairseq_sizes
+from fairseq_pskd.store.writer import _Job, _PinnedPool, _stage_to_host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 4
@@ -242,7 +242,7 @@ def test_open_or_create_and_reopen(tmp_path, lengths):
 
 
 def test_pinned_pool_reuses_buffers():
-    pool = store_mod._PinnedPool(pin=False)
+    pool = _PinnedPool(pin=False)
     v1, b1 = pool.acquire((3, 5, 4), torch.int32)
     assert v1.shape == (3, 5, 4) and v1.dtype == torch.int32
     pool.release(b1)
@@ -261,8 +261,8 @@ def test_stage_to_host_is_one_copy_into_one_buffer(shape):
     ids = torch.randint(0, 100, shape[:1], generator=g)
     lengths = torch.randint(1, 9, shape[:1], generator=g).to(torch.int32)  # widened to int64
     parts = [(indices, torch.int32), (probs, torch.float16), (ids, torch.int64), (lengths, torch.int64)]
-    pool = store_mod._PinnedPool(pin=False)
-    views, base = store_mod._stage_to_host(parts, pool)
+    pool = _PinnedPool(pin=False)
+    views, base = _stage_to_host(parts, pool)
     for (t, dtype), v in zip(parts, views):
         assert v.dtype == dtype and v.shape == t.shape
         assert torch.equal(v, t.to(dtype))
@@ -281,10 +281,9 @@ def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
     path = str(tmp_path / "s")
     TopKStore.create(path, lengths, K, V).close()
     script = textwrap.dedent(f"""
-        import importlib.util, os, sys, numpy as np, torch
-        spec = importlib.util.spec_from_file_location("pskd_store", {os.path.join(REPO, "fairseq_pskd", "store.py")!r})
-        mod = importlib.util.module_from_spec(spec); sys.modules["pskd_store"] = mod; spec.loader.exec_module(mod)
-        TopKStore = mod.TopKStore
+        import os, sys, numpy as np, torch
+        sys.path.insert(0, {REPO!r})
+        from fairseq_pskd.store import TopKStore
         lengths = np.array({lengths.tolist()})
         s = TopKStore.open({path!r}, lengths, {K}, {V})
         def batch(ids, seed):
@@ -628,6 +627,17 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+def test_store_imports_no_fairseq():
+    """The store (and its command line) serves tools that run without fairseq: importing it
+    imports no fairseq module, and of fairseq_pskd only the store package (plus compat.py, which
+    the parent package installs whenever torch is imported)."""
+    code = ("import sys, fairseq_pskd.store.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fairseq'"
+            " or m.startswith('fairseq_pskd.') and m.split('.')[1] not in ('store', 'compat')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
 def test_cli_inspect(tmp_path, lengths):
     with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
         write_epoch(s, 1, lengths, np.arange(7), seed=1)
@@ -667,7 +677,8 @@ def test_cli_estimate_and_errors(tmp_path):
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
-    # in-process: `python -m` start-up is slow (the package imports fairseq), the code path is the same
+    # in-process: the code path of `python -m` (run for real by the tests above), without an
+    # interpreter start-up and a torch import per call
     from fairseq_pskd.store import main
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
@@ -797,8 +808,8 @@ def test_deferred_validation_of_device_ids(store, lengths):
     core = store._core
 
     def job(ids_, lens_, idx_=idx):
-        return store_mod._Job(1, 1, torch.as_tensor(ids_), torch.as_tensor(lens_), idx_.to(torch.int32), p.half(),
-                              None, [], validated=False)
+        return _Job(1, 1, torch.as_tensor(ids_), torch.as_tensor(lens_), idx_.to(torch.int32), p.half(),
+                    None, [], validated=False)
 
     core.apply(job(ids, lengths[ids]))
     _, _, has = store.read(2, ids, lengths[ids])

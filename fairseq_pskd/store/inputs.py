@@ -1,0 +1,111 @@
+"""Checks of what callers pass to the store (target lengths, ids, k and vocabulary, epochs):
+a mistake is a StoreError that says what to pass instead."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import StoreError
+from .format import _HINT_DIR, LENGTH_DTYPE, STAMP_DTYPE
+
+
+def _as_numpy_1d_int(x, name: str) -> np.ndarray:
+    """ids / lengths (torch tensor on any device, numpy array or sequence) -> int64 numpy."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise StoreError(f"{name} must be an integer tensor, got dtype {x.dtype}; pass sample ids / target lengths as long tensors")
+        x = x.detach().cpu().numpy()
+    else:
+        x = np.asarray(x)
+        if x.size == 0:
+            x = x.astype(np.int64)
+        if not np.issubdtype(x.dtype, np.integer):
+            raise StoreError(f"{name} must hold integers, got dtype {x.dtype}; pass sample ids / target lengths as integer arrays")
+    if x.ndim != 1:
+        raise StoreError(f"{name} must be 1-D (one entry per sentence in the batch), got shape {tuple(x.shape)}")
+    return x.astype(np.int64, copy=False)
+
+
+def _checked_lengths(target_lengths) -> np.ndarray:
+    """The training set's target lengths as a 1-D integer array, not copied when avoidable
+    (4.5 M sentences are 36 MB as int64; fairseq's sizes arrays are already numpy)."""
+    x = target_lengths
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 1:
+        raise StoreError(f"target_lengths must be 1-D (one length per training sentence), got shape {tuple(x.shape)}")
+    if x.size == 0:
+        raise StoreError("target_lengths is empty: the store needs one length per training sentence; pass the training set's target sizes (including eos)")
+    if not np.issubdtype(x.dtype, np.integer):
+        raise StoreError(f"target_lengths must hold integers, got dtype {x.dtype}; pass the training set's target sizes (including eos)")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > np.iinfo(LENGTH_DTYPE).max:
+        raise StoreError(f"target_lengths must be within [0, 2^31), got range [{lo}, {hi}]; pass the training set's target sizes (including eos)")
+    if int(x.sum(dtype=np.int64)) == 0:
+        raise StoreError("target_lengths are all zero: there is no target token to store; pass the training set's target sizes (including eos)")
+    return x
+
+
+def _check_k_vocab(topk, vocab_size) -> Tuple[int, int]:
+    try:
+        topk, vocab_size = int(topk), int(vocab_size)
+    except (TypeError, ValueError):
+        raise StoreError(f"topk and vocab_size must be integers, got {topk!r} and {vocab_size!r}") from None
+    if topk < 1:
+        raise StoreError(f"topk must be >= 1, got {topk}")
+    if vocab_size < 1 or vocab_size > np.iinfo(np.int32).max:
+        raise StoreError(f"vocab_size must be in [1, 2^31), got {vocab_size}; pass len(target dictionary)")
+    if topk > vocab_size:
+        raise StoreError(f"topk={topk} exceeds vocab_size={vocab_size}; use a smaller topk")
+    return topk, vocab_size
+
+
+def _check_epoch(epoch) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or int(epoch) < 1:
+        raise StoreError(f"epoch must be a 1-based integer, got {epoch!r}; pass fairseq's epoch number")
+    if int(epoch) > np.iinfo(STAMP_DTYPE).max:
+        raise StoreError(f"epoch {epoch} does not fit the int32 stamps")
+    return int(epoch)
+
+
+def _checked_run_id(run_id) -> Optional[str]:
+    if run_id is not None and not isinstance(run_id, str):
+        raise StoreError(f"run_id must be a string or None, got {run_id!r}")
+    return run_id
+
+
+def _check_topk_tensors(what: str, indices, probs, topk: int, path: str) -> Tuple[int, int]:
+    """(B, T') of a write's ``indices`` and ``probs``: two (B, T', k) arrays, k = the store's
+    ``topk``, integer ids and floating-point probabilities."""
+    for name, t in (("indices", indices), ("probs", probs)):
+        if not isinstance(t, (torch.Tensor, np.ndarray)):
+            raise StoreError(f"{what}: {name} must be a torch tensor or numpy array, got {type(t).__name__}")
+        if t.ndim != 3:
+            raise StoreError(f"{what}: {name} must have shape (batch, target_len, k), got {tuple(t.shape)}")
+    if tuple(indices.shape) != tuple(probs.shape):
+        raise StoreError(f"{what}: indices {tuple(indices.shape)} and probs {tuple(probs.shape)} must have the same shape")
+    B, width, k = (int(s) for s in indices.shape)
+    if k != topk:
+        raise StoreError(f"{what}: got top-{k} but the store at {path} keeps top-{topk}; take topk={topk} (or " + _HINT_DIR.format(path=path) + ")")
+    if _is_float(indices) or not _is_float(probs):
+        raise StoreError(f"{what}: indices must be integer and probs floating point (got {indices.dtype} and {probs.dtype}); did you swap them?")
+    return B, width
+
+
+def _check_device_ids(what: str, ids, lengths, batch_size: int) -> None:
+    """What can be checked of a write's device ``ids``/``lengths`` without a device sync (their
+    values are checked on the writer thread, after the copy)."""
+    for name, t in (("ids", ids), ("lengths", lengths)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != batch_size:
+            raise StoreError(f"{what}: {name} must be a 1-D tensor of {batch_size} entries (one per row of indices/probs)")
+        if t.is_floating_point():
+            raise StoreError(f"{what}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def _is_float(t) -> bool:
+    if isinstance(t, torch.Tensor):
+        return t.is_floating_point()
+    return np.issubdtype(t.dtype, np.floating)

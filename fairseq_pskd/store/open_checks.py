@@ -1,0 +1,81 @@
+"""Checks of an existing store's files at open: the header, the lengths file against the header's
+fingerprint, every array file's size, and what the caller expects (dataset, k, vocabulary).
+Each refusal says what is wrong and, for a store, that deleting it is safe."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from .errors import StoreError
+from .format import (_HINT_DIR, HEADER_NAME, LENGTHS_NAME, _array_files, _check_header, _delete_hint, _fingerprint,
+                     _looks_like_store, _not_a_store)
+from .inputs import _checked_lengths
+
+
+def _check_openable(path: str, readonly: bool) -> None:
+    """Refuse what is not a store before anything is locked or read: a missing directory, one
+    without a header (an interrupted creation, or not a store at all), or an unwritable one."""
+    if not os.path.isdir(path):
+        raise StoreError(f"no PS-KD store at {path}: the directory does not exist; create one with TopKStore.create / open_or_create or pass the right --pskd-store-dir")
+    hp = os.path.join(path, HEADER_NAME)
+    if not os.path.exists(hp):
+        if _looks_like_store(path):
+            raise StoreError(f"{path} has no {HEADER_NAME}: its creation was interrupted; " + _HINT_DIR.format(path=path))
+        raise StoreError(_not_a_store(path))
+    if not readonly and not os.access(path, os.W_OK):
+        raise StoreError(f"the PS-KD store at {path} is not writable; fix permissions, open it with readonly=True, or pass another --pskd-store-dir")
+
+
+def _read_checked(path: str, target_lengths, topk, vocab_size) -> Tuple[Dict[str, Any], np.ndarray]:
+    """The header and the memory-mapped lengths of the store in ``path``, once every file checks
+    out; ``target_lengths``, ``topk`` and ``vocab_size``, when not None, must match the store."""
+    hint = _delete_hint(path)
+    hp = os.path.join(path, HEADER_NAME)
+    try:
+        with open(hp, "r", encoding="utf-8") as f:
+            header = json.load(f)
+    except FileNotFoundError as e:  # removed since open() looked
+        raise StoreError(f"{path} has no {HEADER_NAME}; " + hint) from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{hp} is unreadable or corrupt ({e}); " + hint) from e
+    header = _check_header(header, hp, hint)
+
+    lp = os.path.join(path, LENGTHS_NAME)
+    try:
+        stored = np.load(lp, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError as e:
+        raise StoreError(f"{lp} is missing; the store is incomplete: " + hint) from e
+    except (OSError, ValueError, EOFError) as e:
+        raise StoreError(f"{lp} is truncated or corrupt ({e}); " + hint) from e
+    if stored.ndim != 1 or stored.shape[0] != header["num_sentences"] or not np.issubdtype(stored.dtype, np.integer):
+        raise StoreError(f"{lp} holds {stored.dtype} {stored.shape}, header says int ({header['num_sentences']},); the store is corrupt: " + hint)
+    if _fingerprint(stored) != header["lengths_fingerprint"] or int(stored.sum(dtype=np.int64)) != header["num_tokens"]:
+        raise StoreError(f"{lp} does not match the fingerprint in {HEADER_NAME}; the store is corrupt: " + hint)
+
+    expected = _array_files(header["num_sentences"], header["num_tokens"], header["topk"], header["vocab_size"])
+    for name, size in expected.items():
+        fp = os.path.join(path, name)
+        try:
+            actual = os.path.getsize(fp)
+        except OSError:
+            raise StoreError(f"{fp} is missing; the store is incomplete: " + hint) from None
+        if actual != size:
+            what = "truncated" if actual < size else "larger than expected"
+            raise StoreError(f"{fp} is {what}: {actual} bytes, the header needs {size}; the store is corrupt: " + hint)
+
+    if target_lengths is not None:
+        given = _checked_lengths(target_lengths)
+        if given.size != header["num_sentences"] or _fingerprint(given) != header["lengths_fingerprint"]:
+            detail = f"store: {header['num_sentences']} sentences / {header['num_tokens']} target tokens; given: {given.size} sentences / {int(given.sum(dtype=np.int64))} target tokens"
+            if given.size == header["num_sentences"]:
+                first = int(np.flatnonzero(given != stored)[0])
+                detail += f"; first differing sentence id {first} (store {int(stored[first])}, given {int(given[first])})"
+            raise StoreError(f"the PS-KD store at {path} was built for another dataset (target lengths differ: {detail}); " + hint)
+    if topk is not None and int(topk) != header["topk"]:
+        raise StoreError(f"the PS-KD store at {path} keeps topk={header['topk']} but topk={int(topk)} was requested; use topk={header['topk']} or " + hint)
+    if vocab_size is not None and int(vocab_size) != header["vocab_size"]:
+        raise StoreError(f"the PS-KD store at {path} was built for vocab_size={header['vocab_size']} but vocab_size={int(vocab_size)} was requested (another dictionary?); " + hint)
+    return header, stored
