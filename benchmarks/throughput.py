@@ -75,7 +75,7 @@ def worker(args):
         trainer = Trainer(cfg, task, model, criterion)
         itr = trainer.get_train_iterator(epoch=2, load_dataset=False).next_epoch_itr(shuffle=True)
         if args.topk < 0:
-            criterion.cpu_topk_on_helper = False
+            criterion.priors.topk_on_helper = False
         if args.topk:
             trainer.begin_epoch(1)  # opens the store
             fill_priors(criterion.store, epoch=1)

@@ -11,27 +11,8 @@ import time
 
 import pytest
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
+from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
 
-EPOCH_RE = re.compile(r"\| (train|valid) \| epoch (\d+) \|(.*)")
-
-
-def epoch_stats(log, kind="train"):
-    """{epoch: {metric: value}} from fairseq's simple-format epoch summaries."""
-    out = {}
-    for m in EPOCH_RE.finditer(log):
-        if m.group(1) != kind:
-            continue
-        fields = {}
-        for part in m.group(3).split("|"):
-            bits = part.split()
-            if len(bits) == 2:
-                try:
-                    fields[bits[0]] = float(bits[1])
-                except ValueError:
-                    pass
-        out[int(m.group(2))] = fields
-    return out
 
 
 def pskd_args(data_bin, save_dir, max_epoch=4, *extra):

@@ -9,6 +9,7 @@ from conftest import TINY_ARCH, USER_DIR
 from fairseq import options, tasks
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq_pskd.task_hooks import HOST_IDS
 
 
 class BackwardOnly:
@@ -200,6 +201,8 @@ class MetaModel:
     .item(), .tolist(), bool(t), a host copy) raises. On a GPU each of those is a
     synchronisation that stalls it; here it is an error, so the tests below can see one."""
 
+    training = True  # a training forward pass
+
     def get_normalized_probs(self, net_output, log_probs):
         return torch.log_softmax(net_output[0].float(), dim=-1)
 
@@ -224,7 +227,6 @@ def on_meta(sample):
 
 
 def test_train_batches_carry_host_ids_that_survive_the_move_to_the_device(toy_data_bin, tmp_path):
-    from fairseq_pskd.criterion import HOST_IDS
     task, model, crit = build(toy_data_bin, tmp_path)
     for sample in batches(task):
         assert sample[HOST_IDS].dtype == np.int64
@@ -248,47 +250,43 @@ def test_training_step_reads_nothing_back_from_the_device(toy_data_bin, tmp_path
     sample = on_meta(batches(task)[0])
     vocab = len(task.target_dictionary)
     logits = torch.empty(*sample["target"].shape, vocab, device="meta", requires_grad=True)
-    crit._train_batch = {"ignore_grad": False, "update_num": 30}
-    if prefetch:
-        crit._start_read(sample)  # what the train_step hook does before the forward pass
-        assert crit._prefetch is not None
-    loss, _, stats = crit.compute_loss(MetaModel(), (logits,), sample, training=True)
+    crit.start_train_step(sample, update_num=30, ignore_grad=False)  # the train_step hook's call
+    assert crit.priors.read_in_flight  # started before the forward pass
+    if not prefetch:
+        crit.priors.drop_read()  # compute_loss then reads by itself
+    loss, _ = crit.compute_loss(MetaModel(), (logits,), sample)
     loss.backward()  # the backward pass needs no host value either
-    assert loss.device.type == "meta" and stats["pskd_covered"].device.type == "meta"
+    assert loss.device.type == "meta" and crit.pskd_stats["pskd_covered"].device.type == "meta"
     (epoch, ids, lengths, top_idx, top_p), = writes
     assert epoch == 2 and ids.device.type == "cpu"  # ids from the host copy
     assert lengths.device.type == top_idx.device.type == top_p.device.type == "meta"
-    assert crit._prefetch is None
+    assert not crit.priors.read_in_flight
 
     # without the host-side ids the criterion must read them from the device: on a GPU that is
     # a synchronisation; here it raises, which shows this test can see one
-    from fairseq_pskd.criterion import HOST_IDS
     del sample[HOST_IDS]
     with pytest.raises((NotImplementedError, RuntimeError)):
-        crit.compute_loss(MetaModel(), (logits,), sample, training=True)
-    crit._train_batch = None
+        crit.compute_loss(MetaModel(), (logits,), sample)
+    crit.end_train_step()
     crit.close()
 
 
 def test_prefetched_priors_are_the_batch_own(toy_data_bin, tmp_path):
     """The read started by the train_step hook returns exactly what a direct read returns,
     is used only for the sample it was started for, and is dropped when the step fails."""
-    from fairseq_pskd.criterion import HOST_IDS
     task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
     first, second = batches(task)[:2]
-    crit._train_batch = {"ignore_grad": False, "update_num": 30}
-    crit._start_read(first)
-    got = crit._take_read(first)
+    crit.priors.start_read(first)
+    got = crit.priors.take_read(first)
     pad = task.target_dictionary.pad()
     direct = crit.store.read(2, first["id"], first["target"].ne(pad).sum(1),
                              max_len=first["target"].size(1))
     for a, b in zip(got, direct):
         torch.testing.assert_close(a, b)
     assert got[2].all()
-    crit._start_read(first)
-    got = crit._take_read(second)  # another sample: its own read, not the prefetched one
+    crit.priors.start_read(first)
+    got = crit.priors.take_read(second)  # another sample: its own read, not the prefetched one
     np.testing.assert_array_equal(got[0].shape[:2], second["target"].shape)
-    crit._train_batch = None
 
     class Boom(RuntimeError):
         pass
@@ -299,17 +297,45 @@ def test_prefetched_priors_are_the_batch_own(toy_data_bin, tmp_path):
     model.forward = failing_forward
     with pytest.raises(Boom):
         task.train_step(second, model, crit, BackwardOnly(), update_num=31)
-    assert crit._prefetch is None  # waited for and dropped, not left running
+    assert not crit.priors.read_in_flight  # waited for and dropped, not left running
     assert HOST_IDS in second
     crit.close()
 
 
 def test_a_batch_id_outside_the_store_gets_the_store_error(toy_data_bin, tmp_path):
-    from fairseq_pskd.criterion import HOST_IDS
     from fairseq_pskd.store import StoreError
     task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
     sample = batches(task)[0]
     sample[HOST_IDS] = sample[HOST_IDS] + 10_000  # as if the training set had changed
     with pytest.raises(StoreError, match="out of range"):
         task.train_step(sample, model, crit, BackwardOnly(), update_num=30)
+    crit.close()
+
+
+# ---- the task hooks ----------------------------------------------------------------------------
+
+def test_a_second_criterion_on_the_same_task_takes_the_hooks_over(toy_data_bin, tmp_path):
+    """Building a criterion again on a task does not chain a second set of hooks: the task's
+    methods stay the ones wrapped once, and they call the newest criterion only."""
+    task, model, first = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8")
+    wrapped = (task.train_step, task.begin_epoch, task.state_dict, task.get_batch_iterator)
+    second = task.build_criterion(first.cfg)
+    assert (task.train_step, task.begin_epoch, task.state_dict, task.get_batch_iterator) == wrapped
+    model.train()
+    task.begin_epoch(1, model)
+    assert second.epoch == 1 and first.epoch is None and first.store is None
+    sample = batches(task)[0]
+    _, _, log = task.train_step(sample, model, second, BackwardOnly(), update_num=0)
+    assert log["pskd_ntokens"] > 0
+    second.close()
+
+
+def test_a_training_forward_outside_train_step_is_refused(toy_data_bin, tmp_path):
+    """A training-mode forward with gradients that did not come through task.train_step would
+    otherwise train plain label smoothing without a word."""
+    task, model, crit = build(toy_data_bin, tmp_path, "--pskd-alpha", "0.8")
+    model.train()
+    task.begin_epoch(1, model)
+    with pytest.raises(RuntimeError, match="did not come through task.train_step"):
+        crit(model, batches(task)[0])
     crit.close()

@@ -3,7 +3,7 @@ import pytest
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
-from fairseq_pskd.criterion import pskd_loss
+from fairseq_pskd.loss import pskd_loss
 
 PAD = 1
 
@@ -218,9 +218,9 @@ def test_current_remainder_edge_cases_are_finite_and_exact():
 def test_current_remainder_over_row_blocks(monkeypatch):
     """On CPU the tail is computed over blocks of rows (one reused buffer): blocks of 2 rows
     give the same loss and gradient as the dense target."""
-    from fairseq_pskd import criterion
+    from fairseq_pskd import loss
 
-    monkeypatch.setattr(criterion._tail_weights, "__defaults__", (50,))  # 50 // 23 = 2 rows a block
+    monkeypatch.setattr(loss._tail_weights, "__defaults__", (50,))  # 50 // 23 = 2 rows a block
     logits, target, teacher, mask = make_case()
     probs, idx = teacher.topk(4, -1)
     loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")

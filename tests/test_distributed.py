@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR
-from test_criterion_e2e import epoch_stats
+from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats
 
 import fairseq_pskd  # noqa: F401  (registers the criterion)
 from fairseq_pskd import launch
-from fairseq_pskd.criterion import pack_rows, pad_rows, unpack_rows
+from fairseq_pskd.distributed import pack_rows, pad_rows, unpack_rows
 from fairseq_pskd.store import TopKStore
 
 MAX_TOKENS = 160  # 13 batches of the 240-sentence toy corpus: see the module docstring

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fairseq_pskd  # noqa: F401  (torch>=2.6 loads fairseq checkpoints)
+from fairseq_pskd import calibration as cal
 from fairseq_pskd import evaluate as ev
 from fairseq_pskd.plots import parse_log
 
@@ -47,19 +48,19 @@ CORRECT = [True, False, True, True, False]
 
 
 def test_hand_computed_example():
-    assert ev.expected_calibration_error(CONF, CORRECT, n_bins=10) == pytest.approx(0.384, abs=1e-12)
-    assert ev.aurc(CONF, CORRECT) == pytest.approx(89 / 300, abs=1e-12)
-    assert ev.optimal_aurc(CORRECT) == pytest.approx(0.13, abs=1e-12)
-    assert ev.excess_aurc(CONF, CORRECT) == pytest.approx(1 / 6, abs=1e-12)
-    coverage, risk = ev.risk_coverage_curve(CONF, CORRECT)
+    assert cal.expected_calibration_error(CONF, CORRECT, n_bins=10) == pytest.approx(0.384, abs=1e-12)
+    assert cal.aurc(CONF, CORRECT) == pytest.approx(89 / 300, abs=1e-12)
+    assert cal.optimal_aurc(CORRECT) == pytest.approx(0.13, abs=1e-12)
+    assert cal.excess_aurc(CONF, CORRECT) == pytest.approx(1 / 6, abs=1e-12)
+    coverage, risk = cal.risk_coverage_curve(CONF, CORRECT)
     np.testing.assert_allclose(coverage, [0.2, 0.4, 0.6, 0.8, 1.0])
     np.testing.assert_allclose(risk, [0, 1 / 2, 1 / 3, 1 / 4, 2 / 5])
     # one bin: |accuracy - mean confidence| = |3/5 - 3.12/5|
-    assert ev.expected_calibration_error(CONF, CORRECT, n_bins=1) == pytest.approx(0.024, abs=1e-12)
+    assert cal.expected_calibration_error(CONF, CORRECT, n_bins=1) == pytest.approx(0.024, abs=1e-12)
 
 
 def test_reliability_bins_and_empty_bins():
-    bins = ev.reliability_bins(CONF, CORRECT, n_bins=10)
+    bins = cal.reliability_bins(CONF, CORRECT, n_bins=10)
     assert bins["counts"].tolist() == [0, 1, 0, 1, 0, 0, 0, 1, 0, 2]
     assert bins["total"] == 5
     np.testing.assert_allclose(bins["edges"], np.linspace(0, 1, 11))
@@ -68,10 +69,10 @@ def test_reliability_bins_and_empty_bins():
     np.testing.assert_allclose(bins["accuracy"][~empty], [0.0, 1.0, 1.0, 0.5])
     np.testing.assert_allclose(bins["confidence"][~empty], [0.15, 0.35, 0.75, 0.935])
     # right-closed bins: 0.5 belongs to (0.4, 0.5], 1.0 to the last bin, 0.0 to the first
-    edge = ev.reliability_bins([0.0, 0.5, 1.0], [1, 1, 1], n_bins=10)["counts"]
+    edge = cal.reliability_bins([0.0, 0.5, 1.0], [1, 1, 1], n_bins=10)["counts"]
     assert edge.tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1]
     # metrics JSON: empty bins are null, not NaN
-    m = ev.calibration_metrics(CONF, CORRECT, nll_sum=5.0, n_bins=10)
+    m = cal.calibration_metrics(CONF, CORRECT, nll_sum=5.0, n_bins=10)
     assert m["reliability"]["accuracy"][0] is None
     json.dumps(m, allow_nan=False)
     assert m["nll"] == pytest.approx(1.0) and m["num_tokens"] == 5 and m["bins"] == 10
@@ -84,13 +85,13 @@ def test_perfectly_calibrated_data_has_zero_ece():
         k = round(1000 * c)
         conf += [c] * 1000
         correct += [True] * k + [False] * (1000 - k)
-    assert ev.expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-12)
+    assert cal.expected_calibration_error(conf, correct) == pytest.approx(0.0, abs=1e-12)
     # and statistically: correct ~ Bernoulli(confidence)
     rng = np.random.default_rng(0)
     p = rng.uniform(0, 1, 200_000)
-    assert ev.expected_calibration_error(p, rng.uniform(0, 1, p.size) < p) < 0.01
+    assert cal.expected_calibration_error(p, rng.uniform(0, 1, p.size) < p) < 0.01
     # while an over-confident model is not: always right 50% of the time at confidence 0.9
-    assert ev.expected_calibration_error([0.9] * 10, [True, False] * 5) == pytest.approx(0.4)
+    assert cal.expected_calibration_error([0.9] * 10, [True, False] * 5) == pytest.approx(0.4)
 
 
 def test_perfect_and_worst_ranking():
@@ -98,29 +99,29 @@ def test_perfect_and_worst_ranking():
     correct = rng.uniform(size=500) < 0.7
     # every correct token more confident than every error
     conf = np.where(correct, 0.6, 0.1) + rng.uniform(0, 0.3, correct.size)
-    assert ev.aurc(conf, correct) == pytest.approx(ev.optimal_aurc(correct), abs=1e-12)
-    assert ev.excess_aurc(conf, correct) == pytest.approx(0.0, abs=1e-12)
+    assert cal.aurc(conf, correct) == pytest.approx(cal.optimal_aurc(correct), abs=1e-12)
+    assert cal.excess_aurc(conf, correct) == pytest.approx(0.0, abs=1e-12)
     # closed form of the optimum, (1/n) sum_k k/(n-e+k), against the curve of the ideal order
     n, e = correct.size, int((~correct).sum())
-    assert ev.optimal_aurc(correct) == pytest.approx(sum(k / (n - e + k) for k in range(1, e + 1)) / n)
+    assert cal.optimal_aurc(correct) == pytest.approx(sum(k / (n - e + k) for k in range(1, e + 1)) / n)
     # reversed ranking is strictly worse
-    assert ev.aurc(-conf, correct) > ev.aurc(conf, correct) + 0.1
+    assert cal.aurc(-conf, correct) > cal.aurc(conf, correct) + 0.1
     # worst case by hand: the one error first -> risks 1, 1/2, 1/3, 1/4
-    assert ev.aurc([0.9, 0.8, 0.7, 0.6], [False, True, True, True]) == pytest.approx(25 / 48)
+    assert cal.aurc([0.9, 0.8, 0.7, 0.6], [False, True, True, True]) == pytest.approx(25 / 48)
     # degenerate: all right / all wrong
-    assert ev.aurc([0.5, 0.4], [True, True]) == 0 and ev.optimal_aurc([True, True]) == 0
-    assert ev.aurc([0.5, 0.4], [False, False]) == 1 and ev.excess_aurc([0.5, 0.4], [False, False]) == 0
+    assert cal.aurc([0.5, 0.4], [True, True]) == 0 and cal.optimal_aurc([True, True]) == 0
+    assert cal.aurc([0.5, 0.4], [False, False]) == 1 and cal.excess_aurc([0.5, 0.4], [False, False]) == 0
 
 
 def test_metrics_accept_torch_and_reject_bad_input():
-    assert ev.expected_calibration_error(torch.tensor(CONF), torch.tensor(CORRECT)) == pytest.approx(0.384)
-    assert ev.aurc(torch.tensor(CONF), torch.tensor(CORRECT)) == pytest.approx(89 / 300)
+    assert cal.expected_calibration_error(torch.tensor(CONF), torch.tensor(CORRECT)) == pytest.approx(0.384)
+    assert cal.aurc(torch.tensor(CONF), torch.tensor(CORRECT)) == pytest.approx(89 / 300)
     with pytest.raises(ValueError):
-        ev.expected_calibration_error([], [])
+        cal.expected_calibration_error([], [])
     with pytest.raises(ValueError):
-        ev.aurc([0.5, 0.6], [True])
+        cal.aurc([0.5, 0.6], [True])
     with pytest.raises(ValueError):
-        ev.reliability_bins(CONF, CORRECT, n_bins=0)
+        cal.reliability_bins(CONF, CORRECT, n_bins=0)
 
 
 # ----------------------------------------------------------------------------- score

@@ -1,4 +1,4 @@
-"""Multi30k preparation on the real data in shared/data/multi30k (beside the repository clone).
+"""Multi30k preparation on the real data (conftest.MULTI30K_RAW: a local copy of its raw files).
 
 The full preparation runs once per session through scripts/prepare-multi30k.sh (about a minute
 on 2 cores); the error cases fail in the first step and run in-process where possible.

@@ -19,8 +19,8 @@ from .pipeline import Source, Split
 
 URL_BASE = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 
-# md5 of the *decompressed* files, from the snapshot in shared/data/multi30k (README there;
-# repository commit a3d2e0d26b56f3846f66a952536ffed4e401d05a). Used to say in the manifest
+# md5 of the *decompressed* files of the Multi30k repository at commit
+# a3d2e0d26b56f3846f66a952536ffed4e401d05a. Used to say in the manifest
 # whether the input is that exact snapshot; a mismatch is only a warning (upstream may fix
 # typos), not an error.
 KNOWN_MD5 = {

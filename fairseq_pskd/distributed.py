@@ -1,0 +1,181 @@
+"""Data-parallel plumbing of the criterion: collectives on fairseq's data-parallel group, the
+per-rank store directory, and the packing of top-k rows for --pskd-store-sync all_gather
+(docs/DISTRIBUTED.md).
+
+All collectives run on fairseq's data-parallel group (the trainer's own group; with model
+parallelism that is the group of ranks that see different batches). Every one of them is
+called by every rank at the same point of training: begin_epoch (all ranks), the first
+begin_epoch's store opening, and, with --pskd-store-sync all_gather, every training
+forward pass including the trainer's dummy batches. Without torch.distributed each is the
+single-process identity.
+"""
+import os
+
+import numpy as np
+import torch
+
+from .store import index_dtype
+
+
+def dp_group():
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from fairseq.distributed import utils as distributed_utils
+
+    return distributed_utils.get_data_parallel_group()
+
+
+def dist_info():
+    """(rank, world size) in the data-parallel group; (0, 1) without torch.distributed."""
+    group = dp_group()
+    if group is None:
+        return 0, 1
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+
+def barrier():
+    group = dp_group()
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.barrier(group=group)
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] (just [obj] without torch.distributed)."""
+    group = dp_group()
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+def raise_collectively(error, what):
+    """Gather every rank's error (None = fine) and raise the same error on all ranks.
+
+    A rank that raised alone would leave the others waiting in their next collective."""
+    raise_if_any(all_gather_object(error), what)
+
+
+def raise_on_every_rank(error, what):
+    """Raise ``error`` (an exception, or None on a rank that is fine): as it is in a single process;
+    under data parallelism gathered, so that every rank stops (one rank alone would leave the
+    others waiting in their next collective)."""
+    if dist_info()[1] == 1:
+        if error is not None:
+            raise error
+        return
+    raise_collectively(None if error is None else f"{type(error).__name__}: {error}", what)
+
+
+def raise_if_any(errors, what):
+    """Raise (on every rank that calls it with the same gathered list) if any rank failed."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        detail = "\n".join(f"  rank {r}: {e}" for r, e in failed[:8])
+        more = f"\n  ... and {len(failed) - 8} more ranks" if len(failed) > 8 else ""
+        raise RuntimeError(f"PS-KD: {what} failed on {len(failed)} rank(s):\n{detail}{more}")
+
+
+def node_and_local_rank(infos, rank):
+    """Node index and local rank of ``rank`` from every rank's {"host", "node", "local_rank"}.
+
+    The launcher's environment wins (torchrun / fairseq_pskd.launch: GROUP_RANK or NODE_RANK
+    and LOCAL_RANK; Slurm: SLURM_NODEID) when every rank has it; otherwise ranks are grouped
+    by host name: node = order of first appearance, local rank = earlier ranks on the host."""
+    if all(i["node"] is not None for i in infos):
+        node = infos[rank]["node"]
+    else:
+        hosts = list(dict.fromkeys(i["host"] for i in infos))
+        node = hosts.index(infos[rank]["host"])
+    if all(i["local_rank"] is not None for i in infos):
+        local = infos[rank]["local_rank"]
+    else:
+        local = sum(1 for i in infos[:rank] if i["host"] == infos[rank]["host"])
+    return node, local
+
+
+def env_int(*names):
+    for name in names:
+        v = os.environ.get(name)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                pass
+    return None
+
+
+def resolve_store_dir(template, rank, node, local_rank):
+    """--pskd-store-dir with {rank}, {node} and {local_rank} filled in."""
+    return os.path.abspath(os.path.expanduser(
+        template.replace("{rank}", str(rank)).replace("{node}", str(node))
+        .replace("{local_rank}", str(local_rank))))
+
+
+def pack_rows(ids, lengths, top_idx, top_p, vocab_size):
+    """One flat uint8 tensor: ids int64 (B), lengths int32 (B), the real tokens' top-k indices
+    (N, k) as uint16/int32 and probabilities (N, k) float16; padding positions are left out."""
+    B, T, k = top_idx.shape
+    mask = torch.arange(T, device=top_idx.device).unsqueeze(0) < lengths.to(top_idx.device).unsqueeze(1)
+    idx = top_idx[mask]  # (N, k), row-major: sentence by sentence, position by position
+    prb = top_p[mask].to(torch.float16)
+    idx = idx.to(torch.int16 if index_dtype(vocab_size).itemsize == 2 else torch.int32)  # int16 keeps the uint16 bits
+    parts = [ids.to(torch.int64).reshape(-1), lengths.to(torch.int32).reshape(-1),
+             idx.contiguous().reshape(-1), prb.contiguous().reshape(-1)]
+    dev = top_idx.device
+    return torch.cat([p.to(dev).view(torch.uint8) for p in parts]), B, idx.size(0)
+
+
+def unpack_rows(buf, n_sent, n_tok, k, vocab_size):
+    """Inverse of pack_rows on a CPU uint8 numpy array: ids, lengths (int64), indices (int32), probs (float16)."""
+    stored = index_dtype(vocab_size)
+    ib = stored.itemsize
+    o = 0
+    ids = np.frombuffer(buf, dtype="<i8", count=n_sent, offset=o).astype(np.int64); o += 8 * n_sent
+    lengths = np.frombuffer(buf, dtype="<i4", count=n_sent, offset=o).astype(np.int64); o += 4 * n_sent
+    idx = np.frombuffer(buf, dtype=stored, count=n_tok * k, offset=o)
+    o += ib * n_tok * k
+    prb = np.frombuffer(buf, dtype="<f2", count=n_tok * k, offset=o)
+    return ids, lengths, idx.astype(np.int32).reshape(n_tok, k), prb.reshape(n_tok, k)
+
+
+def all_gather_rows(ids, lengths, top_idx, top_p, vocab_size, k):
+    """All-gather every rank's rows (a rank may contribute none: top_idx None).
+
+    Two collectives: the (sentences, tokens) counts, then the packed rows padded to the largest
+    rank's size. Returns, on every rank, CPU numpy (ids, lengths, indices (N, k), probs (N, k))
+    of all ranks concatenated in rank order."""
+    group = dp_group()
+    backend = str(torch.distributed.get_backend(group))
+    if top_idx is not None:
+        payload, n_sent, n_tok = pack_rows(ids, lengths, top_idx, top_p, vocab_size)
+        dev = payload.device
+    else:
+        dev = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend \
+            and torch.cuda.is_available() else torch.device("cpu")
+        payload, n_sent, n_tok = torch.zeros(0, dtype=torch.uint8, device=dev), 0, 0
+    if dev.type == "cuda" and "nccl" not in backend:
+        dev = torch.device("cpu")  # gloo: gather on the host
+    payload = payload.to(dev)
+    world = torch.distributed.get_world_size(group)
+    counts = torch.tensor([n_sent, n_tok, payload.numel()], dtype=torch.int64, device=dev)
+    all_counts = [torch.empty_like(counts) for _ in range(world)]
+    torch.distributed.all_gather(all_counts, counts, group=group)
+    all_counts = [c.tolist() for c in all_counts]
+    width = max(c[2] for c in all_counts)
+    padded = torch.zeros(width, dtype=torch.uint8, device=dev)
+    padded[:payload.numel()] = payload
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded, group=group)
+    parts = [unpack_rows(g[:c[2]].cpu().numpy(), c[0], c[1], k, vocab_size)
+             for g, c in zip(gathered, all_counts)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def pad_rows(lengths, rows):
+    """(N, k) rows of real tokens -> (B, max length, k) zero-padded, as TopKStore.write takes."""
+    B, k = lengths.shape[0], rows.shape[1]
+    T = int(lengths.max()) if B else 0
+    out = np.zeros((B, T, k), dtype=rows.dtype)
+    out[np.arange(T)[None, :] < lengths[:, None]] = rows
+    return out

@@ -1,0 +1,52 @@
+"""The main job, scripts/quickstart.sh, as a user runs it.
+
+The smoke run (--quick: a tiny model, 2 epochs, the real Multi30k) takes several minutes on 2
+cores, so it carries the ``slow`` marker: ``bash scripts/test.sh -m slow``. Its option checks
+run in the default tier."""
+import json
+import subprocess
+
+import pytest
+
+from conftest import MULTI30K_RAW, REPO, needs_multi30k
+
+SCRIPT = REPO / "scripts" / "quickstart.sh"
+
+
+def quickstart(*args, timeout=60):
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--quick", "--long"], "--quick and --long exclude each other"),
+    (["--seed", "one"], "--seed needs a whole number, not 'one'"),
+    (["--variant", "baseline", "--", "--criterion", "pskd"], "needs a new run name"),
+    (["--variant", "v1"], "needs its training arguments after --"),
+    (["--", "--criterion", "pskd"], "arguments after -- need --variant NAME"),
+    (["--bogus"], "unknown option --bogus"),
+])
+def test_wrong_options_stop_before_any_work(args, message, tmp_path):
+    proc = quickstart(*args, "--work", tmp_path / "work")
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stdout
+    assert not (tmp_path / "work").exists()  # nothing installed, prepared or trained
+
+
+@pytest.mark.slow
+@needs_multi30k
+def test_quick_run_trains_both_systems_and_prints_the_table(tmp_path):
+    work = tmp_path / "work"
+    proc = quickstart("--quick", "--raw", MULTI30K_RAW, "--work", work, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = {name: json.loads((work / name / "results.json").read_text())
+               for name in ("baseline", "pskd")}
+    assert "--criterion label_smoothed_cross_entropy" in results["baseline"]["train_command"]
+    assert "--criterion pskd" in results["pskd"]["train_command"]
+    for r in results.values():
+        test = r["tests"]["test"]
+        assert test["sentences"] == 1000  # test2016, every sentence decoded
+        assert 0 <= test["bleu"] <= 100 and 0 <= test["ece"] <= 1
+    table = (work / "results.txt").read_text()
+    assert "baseline" in table and "pskd" in table
+    assert (work / "curves.png").stat().st_size > 0
