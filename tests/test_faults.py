@@ -271,12 +271,14 @@ def test_resume_with_a_corrupt_store_stops_with_a_clear_error(one_epoch, toy_dat
     save = tmp_path / "ckpt"
     shutil.copytree(one_epoch, save)
     corrupt(save / "pskd_store", name, sentence=17, position=0, column=0, value=value)
-    proc = run_fairseq("train", *train_args(toy_data_bin, save, 2), check=False)
+    # --data-buffer-size 0: with fairseq's data-buffer thread, fairseq-train ending on any error
+    # (label_smoothed_cross_entropy's too) may abort at interpreter exit instead of exiting 1
+    # (benchmarks/exit_after_error.py, docs/STORE.md); without it the exit status is exact
+    proc = run_fairseq("train", *train_args(toy_data_bin, save, 2), "--data-buffer-size", "0",
+                       check=False)
     log = proc.stdout
     assert "Loaded checkpoint" in log
-    # An error exit. Known open fault: about one run in a few aborts (SIGABRT, "terminate called
-    # without an active exception") at interpreter exit, after the message; docs/STORE.md says so.
-    assert proc.returncode in (1, -6), log[-4000:]
+    assert proc.returncode == 1, log[-4000:]
     assert f"StoreError: {save / 'pskd_store' / name} is corrupt" in log, log[-4000:]
     assert f"sentence id 17, target position 0, holds a {what}" in log
     assert "lprobs.gather" not in log and "out of bounds" not in log  # not torch's error
