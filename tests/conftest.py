@@ -11,7 +11,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_pskd")
-SHARED = REPO.parent / "shared"
 
 # A transformer small enough to train an epoch of the toy corpus in about a second on CPU.
 TINY_ARCH = [
@@ -78,11 +77,24 @@ def toy_data_bin(tmp_path_factory):
     return binarize(root / "raw", root / "data-bin")
 
 
+@pytest.fixture(scope="session")
+def baseline_run(toy_data_bin, tmp_path_factory):
+    """The tiny transformer trained 2 epochs with label_smoothed_cross_entropy (label smoothing
+    0.1) through fairseq-train, once per session: (save dir with checkpoint1.pt, checkpoint2.pt
+    and checkpoint_last.pt, the training log's path). Tests read it; none may change it."""
+    save = tmp_path_factory.mktemp("baseline_run")
+    proc = run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
+                       "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+                       "--max-epoch", 2, "--save-dir", save)
+    log = save / "train.log"
+    log.write_text(proc.stdout)
+    return save, log
+
+
 # ---- the real Multi30k data ---------------------------------------------------------------
 
-# a local copy of Multi30k's data/task1/raw files: $MULTI30K_RAW, else shared/data/multi30k beside
-# the repository clone
-MULTI30K_RAW = Path(os.environ.get("MULTI30K_RAW") or SHARED / "data" / "multi30k")
+# a local copy of Multi30k's data/task1/raw files (the .gz files of its repository)
+MULTI30K_RAW = Path(os.environ.get("MULTI30K_RAW") or "multi30k-raw-not-given")
 needs_multi30k = pytest.mark.skipif(
     not (MULTI30K_RAW / "train.de.gz").is_file(),
     reason=f"real Multi30k data not found at {MULTI30K_RAW} (set MULTI30K_RAW to a local copy "

@@ -34,15 +34,11 @@ def test_weights_only_not_switched_off_globally():
     assert set(map(id, compat.allowed_globals())) <= set(map(id, allowed))
 
 
-def test_foreign_object_in_real_fairseq_checkpoint_is_refused(toy_data_bin, tmp_path):
+def test_foreign_object_in_real_fairseq_checkpoint_is_refused(baseline_run, tmp_path):
     """A real fairseq checkpoint with one foreign object added is refused by fairseq's loader."""
-    from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
     from fairseq import checkpoint_utils
 
-    save = tmp_path / "ckpt"
-    run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-                "--criterion", "label_smoothed_cross_entropy", "--max-epoch", 1, "--save-dir", save)
-    good = save / "checkpoint_last.pt"
+    good = baseline_run[0] / "checkpoint_last.pt"
     state = checkpoint_utils.load_checkpoint_to_cpu(str(good))  # loads with the plugin imported
     assert "model" in state
     raw = torch.load(good)
@@ -68,19 +64,15 @@ def test_numpy_metric_state_loads_but_object_arrays_do_not(tmp_path):
         torch.load(bad)
 
 
-def test_state_as_broadcast_to_other_ranks_loads(toy_data_bin, tmp_path):
+def test_state_as_broadcast_to_other_ranks_loads(baseline_run):
     """Data-parallel resume: fairseq's broadcast_object re-pickles the loaded checkpoint (cfg
     now an omegaconf DictConfig) with torch.save and the other ranks torch.load it."""
     import io
 
-    from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
     from fairseq import checkpoint_utils
     from omegaconf import DictConfig
 
-    save = tmp_path / "ckpt"
-    run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-                "--criterion", "label_smoothed_cross_entropy", "--max-epoch", 1, "--save-dir", save)
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(baseline_run[0] / "checkpoint_last.pt"))
     assert isinstance(state["cfg"], DictConfig)
     buf = io.BytesIO()
     torch.save(state, buf)

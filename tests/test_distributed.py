@@ -13,6 +13,7 @@ results agree to ~1e-5 in the parameters after 12 updates, hence the tolerances 
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -348,14 +349,15 @@ def test_distributed_launcher_arguments():
             launch.parse_launch_args(bad)
 
 
-def test_ddp_resume_broadcasts_checkpoint_to_other_ranks(ddp_shared, toy_data_bin):
+def test_ddp_resume_broadcasts_checkpoint_to_other_ranks(ddp_shared, toy_data_bin, tmp_path):
     """Resume a 2-rank run: rank 0 reads checkpoint_last.pt and fairseq broadcasts it to rank 1,
-    which unpickles it weights-only (torch >= 2.6): the allow-list must cover that state. Kept
-    last in the file: it adds epoch 4 to the shared fixture's run."""
-    save, _ = ddp_shared
+    which unpickles it weights-only (torch >= 2.6): the allow-list must cover that state. On a
+    copy of the shared fixture's run, which the other tests read as it is."""
+    save = tmp_path / "resumed"
+    shutil.copytree(ddp_shared[0], save)
     log = launched(2, train_args(toy_data_bin, save, "--update-freq", 2, max_epoch=4)).stdout
     assert "Loaded checkpoint" in log and "(epoch 4 @" in log, log[-3000:]
-    train = {int(m.group(1)): m.group(2) for m in re.finditer(r"\| train \| epoch (\d+) \|(.*)", log)}
+    train = epoch_stats(log)
     assert sorted(train) == [4]
-    assert "pskd_coverage 1 " in train[4] + " ", train[4]
+    assert train[4]["pskd_coverage"] == 1, train[4]
     assert by_epoch(summary(save / "pskd_store"))[4][0] == 240

@@ -231,22 +231,10 @@ def test_score_errors_exit_2_without_traceback(gen_files, tmp_path):
 
 # ----------------------------------------------------------------------------- tiny model
 
-@pytest.fixture(scope="module")
-def tiny_run(toy_data_bin, tmp_path_factory):
-    """A tiny transformer trained 2 epochs; keeps checkpoint1.pt, checkpoint2.pt and the log."""
-    save = tmp_path_factory.mktemp("eval_ckpt")
-    proc = run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-                       "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                       "--max-epoch", 2, "--save-dir", save)
-    log = save / "train.log"
-    log.write_text(proc.stdout)
-    return save, log
-
-
-def test_calibration_end_to_end(toy_data_bin, tiny_run, tmp_path):
+def test_calibration_end_to_end(toy_data_bin, baseline_run, tmp_path):
     from fairseq.data import Dictionary, data_utils
 
-    save, log = tiny_run
+    save, log = baseline_run
     out_json, png = tmp_path / "cal.json", tmp_path / "rel.png"
     proc = run_cli("calibration", "--data-bin", toy_data_bin, "--path", save / "checkpoint2.pt",
                    "--subset", "test", "--bins", 10, "--batch-size", 5, "--json", out_json,
@@ -284,8 +272,8 @@ def test_calibration_missing_checkpoint_is_an_error(toy_data_bin, tmp_path, caps
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
 
 
-def test_average_two_epochs_and_generate(toy_data_bin, tiny_run, tmp_path):
-    save, _ = tiny_run
+def test_average_two_epochs_and_generate(toy_data_bin, baseline_run, tmp_path):
+    save, _ = baseline_run
     out = tmp_path / "avg.pt"
     assert ev.main(["average", "--inputs", save, "--num-epoch-checkpoints", 2, "--output", out]) == 0
     c1, c2, avg = (torch.load(p, map_location="cpu") for p in (save / "checkpoint1.pt",

@@ -6,12 +6,7 @@ import torch
 
 import fairseq_pskd  # noqa: F401  (the allow-list lets torch.load read fairseq checkpoints)
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
-
-
-def epoch_lines(log, kind="train"):
-    return {int(m.group(1)): m.group(0)
-            for m in re.finditer(rf"\| {kind} \| epoch (\d+) \|.*", log)}
+from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
 
 
 def test_train_resume_generate(toy_data_bin, tmp_path):
@@ -21,14 +16,14 @@ def test_train_resume_generate(toy_data_bin, tmp_path):
               "--save-dir", save]
 
     first = run_fairseq("train", *common, "--max-epoch", 2)
-    assert sorted(epoch_lines(first.stdout)) == [1, 2]
+    assert sorted(epoch_stats(first.stdout)) == [1, 2]
     assert (save / "checkpoint_last.pt").exists()
     updates_after_2 = torch.load(save / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"]
     assert updates_after_2 > 0
 
     resumed = run_fairseq("train", *common, "--max-epoch", 3)
     assert "Loaded checkpoint" in resumed.stdout and "(epoch 3 @" in resumed.stdout
-    assert sorted(epoch_lines(resumed.stdout)) == [3], "resume must train exactly the next epoch"
+    assert sorted(epoch_stats(resumed.stdout)) == [3], "resume must train exactly the next epoch"
     ckpt = torch.load(save / "checkpoint_last.pt")  # weights-only load works with the plugin imported
     assert ckpt["optimizer_history"][-1]["num_updates"] > updates_after_2
     # an end-of-epoch checkpoint records the epoch to start next
@@ -42,10 +37,8 @@ def test_train_resume_generate(toy_data_bin, tmp_path):
     assert "BLEU4" in gen.stdout
 
 
-def test_interactive_loads_checkpoint(toy_data_bin, tmp_path):
-    save = tmp_path / "ckpt"
-    run_fairseq("train", toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-                "--criterion", "label_smoothed_cross_entropy", "--max-epoch", 1, "--save-dir", save)
+def test_interactive_loads_checkpoint(toy_data_bin, baseline_run):
+    save, _ = baseline_run
     import subprocess, sys, os
     proc = subprocess.run(
         [sys.executable, "-m", "fairseq_cli.interactive", toy_data_bin, "--user-dir", USER_DIR,

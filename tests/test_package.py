@@ -1,0 +1,32 @@
+"""What importing the package does: nothing heavy, and the criterion registered whatever the
+import order (fairseq's --user-dir does not import a package that is already imported)."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_python(code):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def test_data_preparation_imports_neither_torch_nor_fairseq():
+    """python -m fairseq_pskd.prepare starts at once (the store's own check is in test_store.py)."""
+    loaded = run_python("import sys, fairseq_pskd.prepare.cli; print(sorted(m for m in sys.modules "
+                        "if m.split('.')[0] in ('torch', 'fairseq')))")
+    assert loaded == "[]"
+
+
+@pytest.mark.parametrize("order", ["import fairseq_pskd; import fairseq",
+                                   "import fairseq; import fairseq_pskd"])
+def test_criterion_is_registered_whatever_the_import_order(order):
+    out = run_python(f"{order}\nfrom fairseq.criterions import CRITERION_REGISTRY as R\n"
+                     f"import torch\n"
+                     f"print('pskd' in R, 'pskd_label_smoothed_cross_entropy' in R, "
+                     f"any(g.__name__ == 'Namespace' for g in torch.serialization.get_safe_globals()))")
+    assert out.splitlines()[-1] == "True True True"
