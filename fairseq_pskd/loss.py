@@ -1,6 +1,6 @@
-"""The PS-KD loss: cross-entropy against q_t = (1 - a_t) * y_ls + a_t * P_{t-1}, without
-materialising q (docs/METHOD.md derives it). Pure functions of tensors: no fairseq state, no
-store; the criterion (criterion.py) feeds them the current log-probabilities and the priors."""
+"""The PS-KD loss: the soft-target cross-entropy against PS-KD's target q_t (criterion.py,
+docs/METHOD.md), computed without materialising q. Pure functions of tensors: no fairseq state,
+no store; the criterion feeds them the current log-probabilities and the priors."""
 import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
