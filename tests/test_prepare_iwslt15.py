@@ -375,7 +375,7 @@ def test_gz_reader_rejects_truncation(tmp_path):
 
 
 def test_download_from_local_server(release, tmp_path, capsys):
-    """--url against a local HTTP server (the real WIT3 URLs cannot be reached from here): the
+    """--url against a local HTTP server (the tests do not depend on the real WIT3 URLs): the
     sha256 of the download is recorded, an HTML answer is rejected."""
     import functools
     import http.server

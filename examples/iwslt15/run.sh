@@ -4,7 +4,7 @@
 #   bash examples/iwslt15/run.sh [--src en --tgt de] [--raw 2015-01.tgz|en-de.tgz|DIR]
 #                                [--work DIR] [--epochs N] [--alpha A] [--topk K]
 #
-# Not run in the development environment (no GPU, and no IWSLT download from there).
+# Not run on a GPU yet, nor on the real IWSLT'15 release (docs/RESULTS.md lists the runs made).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SRC=en; TGT=de; RAW=""; WORK=""; EPOCHS=60; ALPHA=0.8; TOPK=8

@@ -3,8 +3,7 @@
 #
 #   bash examples/multi30k/run.sh [--work DIR] [--raw DIR] [--epochs N] [--alpha A] [--topk K]
 #
-# Not run in the development environment (it has no GPU): the figures in docs/RESULTS.md say
-# which runs were made where. Each step resumes/skips when rerun.
+# Not run on a GPU yet: the figures in docs/RESULTS.md say which runs were made on what. Each step resumes/skips when rerun.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="$ROOT/work/multi30k-gpu"; RAW=""; EPOCHS=60; ALPHA=0.8; TOPK=8

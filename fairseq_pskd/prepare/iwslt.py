@@ -1,6 +1,6 @@
 """IWSLT 2015 TED talks (WIT3 release "2015-01"), English-German.
 
-Accepted inputs (`--raw`), see shared/notes/IWSLT15.md:
+Accepted inputs (`--raw`):
 - the whole release `2015-01.tgz` (holds `2015-01/texts/<a>/<b>/<a>-<b>.tgz` for every pair),
 - a per-pair archive `en-de.tgz` or `de-en.tgz` (holds `<pair>/train.tags.<pair>.<lang>` and
   `<pair>/IWSLT15.TED.<set>.<pair>.<lang>.xml`),
@@ -34,8 +34,8 @@ RELEASE = "2015-01"
 # Per-pair archives of the WIT3 archive (reported dead in recent years).
 PAIR_URL = "https://wit3.fbk.eu/archive/2015-01/texts/{a}/{b}/{a}-{b}.tgz"
 # The release page https://wit3.fbk.eu/2015-01 links the whole release, 2015-01.tgz, on Google
-# Drive. This file id is the one a public download script uses (with gdown); it could not be
-# tested from here. confirm=t skips Drive's "cannot scan for viruses" page for large files.
+# Drive. This file id is the one a public download script uses (with gdown); it has not been
+# tested yet. confirm=t skips Drive's "cannot scan for viruses" page for large files.
 RELEASE_PAGE = "https://wit3.fbk.eu/2015-01"
 RELEASE_URL = (
     "https://drive.usercontent.google.com/download?id=1Mz-iiRxRqbCVbsYfKZQ6yuAxHNzYTMnI"
