@@ -1,6 +1,6 @@
-"""What stock fairseq 0.12 needs to run on today's torch.
+"""What stock fairseq 0.12 needs to run on today's torch and Python.
 
-torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and fairseq 0.12
+1. Checkpoint loading. torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and fairseq 0.12
 checkpoints pickle a few non-tensor objects, so ``fairseq-generate``,
 ``fairseq-interactive`` and resuming ``fairseq-train`` fail with "Weights only load
 failed". Rather than switching safe loading off (``weights_only=False`` would execute any
@@ -9,8 +9,20 @@ hold. A checkpoint that holds any other object is still refused by torch.
 
 The plugin is imported through ``--user-dir`` before fairseq reads any checkpoint, so
 importing this package is enough; nothing in fairseq is patched.
+
+2. A clean exit after an error. fairseq-train collates the next batches on a daemon thread
+(``fairseq.data.iterators.BackgroundConsumer``, the ``--data-buffer-size`` buffer). When an
+error ends training, the interpreter kills that thread at exit wherever it is; inside torch's
+C++ code that aborts the process ("terminate called without an active exception", exit status
+134 instead of 1, for any criterion: benchmarks/exit_after_error.py measures it). At exit, before
+the interpreter finalizes, ``stop_data_buffers_at_exit`` lets each such thread finish the batch
+it is on and stop.
 """
 import argparse
+import atexit
+import queue
+import threading
+import time
 
 # Found with torch.serialization.get_unsafe_globals_in_checkpoint on checkpoints written by
 # fairseq 0.12.3 (transformer, adam, inverse_sqrt, label smoothing / PS-KD): the legacy
@@ -25,9 +37,7 @@ import argparse
 FAIRSEQ_CHECKPOINT_GLOBALS = [argparse.Namespace]
 
 
-def _omegaconf_globals():
-    import sys
-
+def _omegaconf_globals(fairseq_types):
     try:
         import collections
         import typing
@@ -40,12 +50,10 @@ def _omegaconf_globals():
                                                "BooleanNode", "EnumNode", "BytesNode", "PathNode")
                   if hasattr(nodes, n)]
     extra = []
-    if "fairseq" in sys.modules:  # never imported from here: the package works without it
-        try:  # broadcast_object replaces tensors by index placeholders (a plain dataclass)
-            from fairseq.distributed.utils import _TensorPlaceholder
-            extra.append(_TensorPlaceholder)
-        except ImportError:
-            pass
+    if fairseq_types:  # only once fairseq is imported: the package works without it
+        # broadcast_object replaces tensors by index placeholders (a plain dataclass)
+        from fairseq.distributed.utils import _TensorPlaceholder
+        extra.append(_TensorPlaceholder)
     return [DictConfig, ListConfig, ContainerMetadata, Metadata, *node_types,
             collections.defaultdict, dict, list, int, typing.Any, *extra]
 
@@ -64,24 +72,58 @@ def _numpy_globals():
     return [scalar, _reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
-def allowed_globals():
-    """The objects the plugin adds to torch's weights-only allow-list."""
-    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals() + _omegaconf_globals()
+def allowed_globals(fairseq_types=False):
+    """The objects the plugin adds to torch's weights-only allow-list (``fairseq_types``: with
+    those of fairseq's own classes that data-parallel resume unpickles; needs fairseq)."""
+    return FAIRSEQ_CHECKPOINT_GLOBALS + _numpy_globals() + _omegaconf_globals(fairseq_types)
 
 
 _installed = set()
 
 
-def install():
+def install(fairseq_types=False):
     """Allow exactly what fairseq checkpoints need in torch's weights-only unpickler.
 
-    Called when torch is imported and again when fairseq is (which adds fairseq's own types)."""
+    Called when torch is imported, and with ``fairseq_types`` once fairseq is."""
     import torch
 
     add = getattr(getattr(torch, "serialization", None), "add_safe_globals", None)
     if add is None:  # torch < 2.4 has no allow-list and loads with weights_only=False anyway
         return
-    new = [g for g in allowed_globals() if g not in _installed]
+    new = [g for g in allowed_globals(fairseq_types) if g not in _installed]
     if new:
         add(new)
         _installed.update(new)
+
+
+_EXIT_WAIT_S = 30.0  # at most this long for the buffer threads to finish the batch they collate
+_stop_registered = False
+
+
+def stop_data_buffers_at_exit():
+    """Register (once) the exit-time stop of fairseq's data-buffer threads (point 2 above).
+
+    atexit handlers run before the interpreter starts killing daemon threads."""
+    global _stop_registered
+    if not _stop_registered:
+        atexit.register(_stop_data_buffers)
+        _stop_registered = True
+
+
+def _stop_data_buffers():
+    try:
+        from fairseq.data.iterators import BackgroundConsumer
+    except ImportError:
+        return
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for thread in threading.enumerate():
+        if not isinstance(thread, BackgroundConsumer) or not thread.is_alive():
+            continue
+        # its loop stops after the item it is on (count >= max_len); its queue.put calls
+        # return because the queue is drained here, so it reaches the check and then exits
+        thread._max_len = 0
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass

@@ -82,8 +82,9 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
 class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     """label_smoothed_cross_entropy with the previous epoch's top-k as part of the target.
 
-    forward, compute_accuracy and the loss/accuracy metrics are fairseq's; compute_loss adds
-    the priors on training batches and reduce_metrics the pskd_* metrics."""
+    fairseq's code does the rest: forward (which adds the pskd_* logging outputs to it),
+    compute_accuracy, the validation loss and the loss/accuracy metrics; compute_loss adds the
+    priors on training batches and reduce_metrics the pskd_* metrics."""
 
     def __init__(self, task, cfg: PSKDConfig):
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing,
@@ -117,7 +118,6 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         refuse_unservable_data(task)
         self.priors = Priors(cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store"),
                              self.topk, sync, cfg.save_dir)
-        self.epoch: Optional[int] = None
         self._train_batch = None  # {"ignore_grad", "update_num"} inside task.train_step
         self._alpha_log_pending = False  # --max-update schedule: log a_t at the epoch's first update
         self.pskd_stats = {}  # the pskd_* logging outputs of the last training compute_loss
@@ -131,6 +131,11 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             self.priors.store_dir)
 
     @property
+    def epoch(self) -> Optional[int]:
+        """The training epoch begun last (1-based; None before the first)."""
+        return self.priors.epoch
+
+    @property
     def store(self):
         """The run's TopKStore (None before the first training epoch)."""
         return self.priors.store
@@ -141,7 +146,6 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         """Before training epoch ``epoch`` (1-based); every rank, the same epoch."""
         self.priors.begin_epoch(epoch, self.task.dataset(self.train_subset),
                                 len(self.task.target_dictionary))
-        self.epoch = epoch
         if self.schedule == "epoch":
             logger.info("PS-KD epoch %d: a_t = %.4f", epoch, self.alpha())
         else:  # a_t depends on the update count, which only the epoch's first train_step tells

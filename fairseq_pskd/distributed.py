@@ -6,8 +6,8 @@ All collectives run on fairseq's data-parallel group (the trainer's own group; w
 parallelism that is the group of ranks that see different batches). Every one of them is
 called by every rank at the same point of training: begin_epoch (all ranks), the first
 begin_epoch's store opening, and, with --pskd-store-sync all_gather, every training
-forward pass including the trainer's dummy batches. Without torch.distributed each is the
-single-process identity.
+forward pass including the trainer's dummy batches. Without torch.distributed the collectives
+are the single-process identity (all_gather_rows is only called under data parallelism).
 """
 import os
 

@@ -33,14 +33,15 @@ def pskd_loss(lprobs, target, alpha, epsilon, prior_indices=None, prior_probs=No
     """
     lprobs = lprobs.float()
     if prior_indices is None or alpha == 0:
-        # exactly fairseq's label_smoothed_cross_entropy (same code, same rounding)
+        # fairseq's own function, reduced the way it reduces: label_smoothed_cross_entropy's
+        # loss bit for bit
         loss, nll_loss = label_smoothed_nll_loss(lprobs, target, epsilon, ignore_index=ignore_index,
-                                                 reduce=False)
-        loss, nll_loss = loss.view(-1), nll_loss.view(-1)
-        topk_mass = lprobs.new_zeros(target.shape)
-    else:
-        loss, nll_loss, topk_mass = _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices,
-                                                      prior_probs, prior_mask, remainder)
+                                                 reduce=reduce)
+        if reduce:
+            return loss, nll_loss, lprobs.new_zeros(())
+        return loss.view(-1), nll_loss.view(-1), lprobs.new_zeros(target.shape)
+    loss, nll_loss, topk_mass = _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices,
+                                                  prior_probs, prior_mask, remainder)
     if ignore_index is not None:
         pad = target.eq(ignore_index)
         loss = loss.masked_fill(pad, 0.0)

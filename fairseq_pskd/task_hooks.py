@@ -124,9 +124,10 @@ class TaskHooks:
 
         def pskd_train_step(sample, model, criterion, optimizer, update_num, ignore_grad=False,
                             **kwargs):
-            pskd = hooks.criterion
-            pskd.start_train_step(sample, update_num, ignore_grad)
+            # the trainer's criterion when it is a PS-KD one (the newest built, in fairseq-train)
+            pskd = criterion if isinstance(criterion, type(hooks.criterion)) else hooks.criterion
             try:
+                pskd.start_train_step(sample, update_num, ignore_grad)
                 return train_step(sample, model, criterion, optimizer, update_num,
                                   ignore_grad=ignore_grad, **kwargs)
             finally:

@@ -7,14 +7,16 @@
 #   bash scripts/quickstart.sh --long     # to convergence: 40 epochs, last-5 average, seeds 1
 #                                         # and 2 of baseline, PS-KD a_T 0.1 and a_T 0.8 (hours)
 #
-# Options: --work DIR (default ./work/quickstart[-quick|-long]), --raw DIR (a local copy of
-# Multi30k's data/task1/raw files; default: download them from the official repository),
-# --seed N (of the main job and of --variant; default 1; --long runs seeds 1 and 2).
+# Options: --work DIR (default ./work/quickstart[-quick|-long], -sN added for --seed N > 1),
+# --raw DIR (a local copy of Multi30k's data/task1/raw files; default: download them from the
+# official repository), --seed N (of the main job or of --variant; default 1; --long runs seeds
+# 1 and 2, and takes --seed only with --variant, to compare with that seed's runs).
 # Rerunning skips what is finished (prepare steps, trained epochs, decoded sets).
 #
 #   bash scripts/quickstart.sh --variant NAME -- ARGS...
 # trains and scores one more run with exactly the main job's settings plus ARGS (which come last,
-# so they override), in WORK/NAME, then prints the table of baseline, pskd and NAME. This is how
+# so they override), in WORK/NAME, then prints the table of the main job's runs (of its seed)
+# and NAME. This is how
 # the ablations in docs/RESULTS.md were made, e.g.
 #   bash scripts/quickstart.sh --variant pskd-a0.4 -- --criterion pskd --pskd-alpha 0.4 --pskd-topk 8
 # It uses half the cores, like each run of the main job, so two variants can run side by side.
@@ -24,6 +26,9 @@ cd "$ROOT"
 
 QUICK=0; LONG=0; SEED=1; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=()
 while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --seed|--work|--raw|--variant) [[ $# -ge 2 ]] || { echo "quickstart.sh: $1 needs a value" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --quick) QUICK=1; shift ;;
     --long) LONG=1; shift ;;
@@ -38,6 +43,9 @@ while [[ $# -gt 0 ]]; do
 done
 (( QUICK + LONG < 2 )) || { echo "quickstart.sh: --quick and --long exclude each other" >&2; exit 2; }
 [[ "$SEED" =~ ^[0-9]+$ ]] || { echo "quickstart.sh: --seed needs a whole number, not '$SEED'" >&2; exit 2; }
+if [[ $LONG == 1 && $SEED != 1 && -z "$VARIANT" ]]; then
+  echo "quickstart.sh: --long trains seeds 1 and 2 itself; --seed goes with --variant" >&2; exit 2
+fi
 if [[ -n "$VARIANT" ]]; then
   [[ "$VARIANT" =~ ^[A-Za-z0-9._-]+$ && "$VARIANT" != baseline && "$VARIANT" != pskd ]] || {
     echo "quickstart.sh: --variant needs a new run name (letters, digits, . _ -), not baseline or pskd" >&2; exit 2; }
@@ -50,6 +58,7 @@ if [[ -z "$WORK" ]]; then
   if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"
   elif [[ $LONG == 1 ]]; then WORK="work/quickstart-long"
   else WORK="work/quickstart"; fi
+  if [[ $LONG == 0 && $SEED != 1 ]]; then WORK="$WORK-s$SEED"; fi
 fi
 START=$(date +%s)
 
@@ -102,7 +111,8 @@ if [[ -n "$VARIANT" ]]; then
   run "$VARIANT" "$SEED" "${VARIANT_ARGS[@]}" || {
     echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
   TABLE=()
-  for name in baseline pskd "$VARIANT"; do
+  if [[ $LONG == 1 ]]; then MAIN=(baseline-s$SEED pskd-a0.1-s$SEED pskd-a0.8-s$SEED); else MAIN=(baseline pskd); fi
+  for name in "${MAIN[@]}" "$VARIANT"; do
     [[ -f "$WORK/$name/results.json" ]] && TABLE+=("$WORK/$name/results.json")
   done
   echo

@@ -22,8 +22,13 @@ def test_data_preparation_imports_neither_torch_nor_fairseq():
     assert loaded == "[]"
 
 
-@pytest.mark.parametrize("order", ["import fairseq_pskd; import fairseq",
-                                   "import fairseq; import fairseq_pskd"])
+@pytest.mark.parametrize("order", [
+    "import fairseq_pskd; import fairseq",
+    "import fairseq; import fairseq_pskd",
+    # a lookup that does not import (a library checking what is installed) changes nothing
+    "import importlib.util, fairseq_pskd; importlib.util.find_spec('torch'); "
+    "importlib.util.find_spec('fairseq'); import fairseq",
+])
 def test_criterion_is_registered_whatever_the_import_order(order):
     out = run_python(f"{order}\nfrom fairseq.criterions import CRITERION_REGISTRY as R\n"
                      f"import torch\n"

@@ -25,9 +25,11 @@ def quickstart(*args, timeout=60):
     (["--variant", "v1"], "needs its training arguments after --"),
     (["--", "--criterion", "pskd"], "arguments after -- need --variant NAME"),
     (["--bogus"], "unknown option --bogus"),
+    (["--long", "--seed", "2"], "--long trains seeds 1 and 2 itself"),
+    (["--seed"], "--seed needs a value"),
 ])
 def test_wrong_options_stop_before_any_work(args, message, tmp_path):
-    proc = quickstart(*args, "--work", tmp_path / "work")
+    proc = quickstart("--work", tmp_path / "work", *args)
     assert proc.returncode == 2, proc.stdout
     assert message in proc.stdout
     assert not (tmp_path / "work").exists()  # nothing installed, prepared or trained
