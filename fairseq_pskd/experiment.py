@@ -4,6 +4,7 @@
         [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
     python -m fairseq_pskd.experiment score RUN_DIR --src RAW.SRC --ref RAW.TGT [--cpu]
     python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown] [--paired-bs]
+                                                                      [--mean-over-seeds]
 
 ``DATA`` is what scripts/prepare-*.sh wrote (data-bin/, ref/, prepare.json). Every recipe
 (the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
@@ -374,6 +375,38 @@ def format_table(results_list, markdown=False):
                      + [fmt.format(*r) for r in rows])
 
 
+_SEED_SUFFIX = re.compile(r"-s\d+$")
+MEAN_COLUMNS = [("BLEU", "bleu", 1, "{:.2f}"), ("chrF", "chrf", 1, "{:.2f}"), ("ECE %", "ece", 100, "{:.2f}"),
+                ("NLL", "nll", 1, "{:.3f}"), ("AURC x1000", "aurc", 1000, "{:.1f}")]
+
+
+def format_means(results_list, markdown=False):
+    """Per system (a run's name without its "-s<seed>" suffix) and test set: the mean of each
+    score over the system's runs, and how many runs that is."""
+    groups = {}
+    for r in results_list:
+        for subset, t in r["tests"].items():
+            key = (_SEED_SUFFIX.sub("", r["name"]), subset)
+            groups.setdefault(key, []).append((r, t))
+    head = ["system", "test", "runs"] + [h for h, *_ in MEAN_COLUMNS] + ["length", "valid NLL"]
+    rows = []
+    for (system, subset), runs in groups.items():
+        row = [system, subset, str(len(runs))]
+        for _, key, scale, fmt in MEAN_COLUMNS:
+            row.append(fmt.format(sum(scale * t[key] for _, t in runs) / len(runs)))
+        for values in ([r.get("_table", {}).get(subset, {}).get("length") for r, _ in runs],
+                       [r.get("_table", {}).get("valid_nll") for r, _ in runs]):
+            row.append(f"{sum(map(float, values)) / len(values):.3f}" if all(values) else "-")
+        rows.append(row)
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*r) for r in rows])
+
+
 def table(args):
     results = []
     for path in args.results:
@@ -385,6 +418,9 @@ def table(args):
     if args.paired_bs and len(results) > 1:
         _paired_bootstrap(results, [Path(p).parent for p in args.results])
     print(format_table(results, markdown=args.markdown))
+    if args.mean_over_seeds:
+        print("\nmean over the seeds of each system (run name without its -s<seed> suffix)")
+        print(format_means(results, markdown=args.markdown))
     if args.paired_bs and len(results) > 1:
         print(f"\np: sacreBLEU paired bootstrap (1,000 resamples) of BLEU against {results[0]['name']}")
     if len(results) == 2:
@@ -433,6 +469,9 @@ def main(argv=None):
     t.add_argument("--paired-bs", action="store_true",
                    help="p-value of each run's BLEU against the first run's (sacreBLEU paired "
                         "bootstrap, 1,000 resamples; needs the runs' hyp.* files)")
+    t.add_argument("--mean-over-seeds", action="store_true",
+                   help="also the mean scores per system over its seeds (runs named NAME-s1, "
+                        "NAME-s2, ...)")
     args = parser.parse_args(argv)
     try:
         return {"run": run, "score": score, "table": table}[args.command](args)

@@ -149,14 +149,19 @@ if [[ $LONG == 1 ]]; then
   FAIL=0; wait $PID_A || FAIL=1; wait $PID_B || FAIL=1
   (( FAIL == 0 )) || exit 1
   NAMES=(baseline-s1 pskd-a0.1-s1 pskd-a0.8-s1 baseline-s2 pskd-a0.1-s2 pskd-a0.8-s2)
-  LOGS=(); for n in "${NAMES[@]}"; do LOGS+=("$WORK/$n/train.log"); done
+  LOGS=(); RESULTS=()
+  for n in "${NAMES[@]}"; do LOGS+=("$WORK/$n/train.log"); RESULTS+=("$WORK/$n/results.json"); done
   "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --out "$WORK/curves.png" >/dev/null
   echo
   echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline)"
-  for s in 1 2; do
-    "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s/results.json --paired-bs
-    echo
-  done | tee "$WORK/results.txt"
+  {
+    for s in 1 2; do
+      "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s/results.json --paired-bs
+      echo
+    done
+    "$PY" -m fairseq_pskd.experiment table "${RESULTS[@]}" --mean-over-seeds \
+      | sed -n '/^mean over the seeds/,$p'
+  } | tee "$WORK/results.txt"
   echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png"
   exit 0
 fi

@@ -148,3 +148,19 @@ def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
     assert "| 1.000 | 2.750 |" in base_row and "| 0.400 | 2.750 |" in worse_row
     assert "| 0.001 |" in worse_row  # 4-word prefixes against full sentences: p = 1/1001
     assert "paired bootstrap (1,000 resamples) of BLEU against base" in out
+
+
+def test_table_means_over_seeds(tmp_path, capsys):
+    """--mean-over-seeds: one row per system (name without -s<seed>) with the mean of its runs."""
+    paths = []
+    for name, bleu, ece in (("base-s1", 30.0, 0.06), ("base-s2", 32.0, 0.04), ("pskd-a0.1-s1", 33.0, 0.03)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({
+            "name": name, "corpus": "toy", "src": "de", "tgt": "en", "max_epoch": 2,
+            "tests": {"test": {"bleu": bleu, "chrf": 50.0, "ece": ece, "nll": 2.0, "aurc": 0.1}}}))
+        paths.append(str(d / "results.json"))
+    assert experiment.main(["table", *paths, "--mean-over-seeds", "--markdown"]) == 0
+    out = capsys.readouterr().out.split("mean over the seeds")[1]
+    assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 | - | - |" in out
+    assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 |" in out
