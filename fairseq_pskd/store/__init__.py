@@ -1,7 +1,7 @@
 """Disk-backed top-k store of the previous epoch's predictions, for PS-KD.
 
-PS-KD trains every target token against ``(1 - a) * y + a * P_{t-1}``, where ``P_{t-1}`` is
-the model's own distribution for that token one epoch earlier. Keeping full distributions
+PS-KD trains every target token against a mix of its label and ``P_{t-1}``, the model's own
+distribution for that token one epoch earlier (docs/METHOD.md). Keeping full distributions
 is impossible (140 M tokens x 40 k vocab on WMT'14), so for every target token we keep the
 top-k vocabulary indices and their probabilities, in memory-mapped files: the process only
 holds the pages it touches, so resident memory does not grow with the corpus. See
