@@ -1,0 +1,59 @@
+"""The committed evidence under results/ re-scores to the numbers docs/RESULTS.md reports.
+
+Each run directory holds results.json (what `experiment run` reported), train_args.json, the
+training log and the test hypotheses. Without the references these tests check that the files of
+a run agree with each other; with the real Multi30k data (MULTI30K_RAW) they re-score every
+hypothesis file with sacreBLEU, as a reader would, and compare with the reported BLEU and chrF.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import MULTI30K_RAW, epoch_stats, needs_multi30k
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+RUNS = sorted(p.parent for p in RESULTS.glob("*/*/results.json"))
+# experiment run's test subset -> the raw Multi30k file its references come from
+MULTI30K_TEST_FILES = {"test": "test_2016_flickr"}
+
+
+def _id(run):
+    return f"{run.parent.name}/{run.name}"
+
+
+def test_there_is_evidence_to_check():
+    assert len(RUNS) >= 7, RUNS
+
+
+@pytest.mark.parametrize("run", RUNS, ids=_id)
+def test_run_files_agree(run):
+    result = json.loads((run / "results.json").read_text())
+    assert result["name"] == run.name
+    # the arguments the run was trained with are the ones reported with its scores
+    assert json.loads((run / "train_args.json").read_text()) == result["train_args"]
+    score = json.loads((run / "score.test.json").read_text())
+    reported = result["tests"]["test"]
+    assert reported["bleu"] == score["bleu"] and reported["chrf"] == score["chrf"]
+    hyps = (run / "hyp.test.en").read_text(encoding="utf-8").splitlines()
+    assert len(hyps) == score["n"] == 1000          # no sentence lost in decoding
+    # the log is the whole run: one validation line per epoch up to the reported budget
+    valid = epoch_stats((run / "train.log").read_text(), "valid")
+    assert sorted(valid) == list(range(1, result["max_epoch"] + 1))
+    assert all("nll_loss" in valid[epoch] for epoch in valid)
+
+
+@needs_multi30k
+@pytest.mark.parametrize("run", RUNS, ids=_id)
+def test_hypotheses_rescore_to_reported_bleu(run):
+    import sacrebleu
+    from fairseq_pskd.prepare import text
+
+    raw = MULTI30K_RAW / f"{MULTI30K_TEST_FILES['test']}.en.gz"
+    refs = [text.squash_whitespace(line) for line in text.read_lines(raw)]
+    hyps = (run / "hyp.test.en").read_text(encoding="utf-8").splitlines()
+    score = json.loads((run / "score.test.json").read_text())
+    bleu = sacrebleu.corpus_bleu(hyps, [refs])
+    chrf = sacrebleu.corpus_chrf(hyps, [refs])
+    assert bleu.score == pytest.approx(score["bleu"], abs=1e-9)
+    assert chrf.score == pytest.approx(score["chrf"], abs=1e-9)
