@@ -123,6 +123,28 @@ def _max_epoch_of(train_args):
     return None
 
 
+def training_wall_seconds(log_path):
+    """Seconds fairseq-train spent on a run, from the `wall` of its epoch summaries in log_path.
+
+    fairseq restarts its wall clock when it resumes from checkpoint_last.pt, so the last `wall`
+    of each segment of an appended log is summed (work an interruption threw away is not
+    counted). None when the log has no epoch summary with a wall time.
+    """
+    total = last = None
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = _EPOCH_WALL.search(line) if "| train | epoch" in line else None
+            if m:
+                wall = float(m.group(1))
+                if last is not None and wall < last:  # a new segment: fairseq resumed
+                    total = (total or 0.0) + last
+                last = wall
+    return None if last is None else (total or 0.0) + last
+
+
+_EPOCH_WALL = re.compile(r"\| wall (\d+(?:\.\d+)?)\b")
+
+
 def run(args):
     prepared, out = Path(args.prepared).resolve(), Path(args.out).resolve()
     manifest = _read_manifest(prepared)
@@ -145,7 +167,7 @@ def run(args):
                  "--source-lang", src, "--target-lang", tgt, "--save-dir", ckpt_dir,
                  "--no-progress-bar", "--log-format", "simple", *train_args]
     _run(train_cmd, out / "train.log", env)
-    train_seconds = time.time() - t0
+    train_seconds = training_wall_seconds(out / "train.log") or time.time() - t0
     last = ckpt_dir / "checkpoint_last.pt"
     if not last.exists():
         raise ExperimentError(f"training wrote no {last}")
@@ -174,9 +196,6 @@ def run(args):
         results["tests"][subset] = _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args,
                                              env, title=f"{results['name']} ({subset})")
     previous = out / "results.json"
-    if previous.exists():  # keep the wall time of the run that actually trained
-        old = json.loads(previous.read_text())
-        train_seconds = max(train_seconds, old.get("train_seconds", 0))
     results["train_seconds"] = round(train_seconds, 1)
     results["total_seconds"] = round(time.time() - t0, 1)
     tmp = previous.with_suffix(".tmp")

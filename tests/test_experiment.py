@@ -164,3 +164,19 @@ def test_table_means_over_seeds(tmp_path, capsys):
     out = capsys.readouterr().out.split("mean over the seeds")[1]
     assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 | - | - |" in out
     assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 |" in out
+
+
+def test_training_time_sums_the_segments_of_a_resumed_run(tmp_path):
+    """fairseq restarts its wall clock on resume: the reported training time adds each segment's
+    last epoch wall time (an epoch an interruption cut short is redone, so it is not counted)."""
+    def summary(epoch, wall):
+        return (f"2026-01-01 00:00:00 | INFO | train | epoch {epoch:03d} | loss 4 | nll_loss 3 | "
+                f"train_wall {wall - 5} | gb_free 0 | wall {wall}\n")
+    log = tmp_path / "train.log"
+    log.write_text(summary(1, 100) + summary(2, 210)        # killed in epoch 3
+                   + "2026-01-01 00:09:00 | INFO | fairseq_cli.train | loaded checkpoint\n"
+                   + summary(3, 95) + summary(4, 190)         # resumed at epoch 3
+                   + summary(5, 80))                           # and once more at epoch 5
+    assert experiment.training_wall_seconds(log) == 210 + 190 + 80
+    log.write_text("2026-01-01 00:00:00 | INFO | fairseq_cli.train | no epoch finished\n")
+    assert experiment.training_wall_seconds(log) is None
