@@ -3,6 +3,7 @@
     python -m fairseq_pskd.experiment run --prepared DATA --out RUN_DIR [--average-last N]
         [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
     python -m fairseq_pskd.experiment score RUN_DIR --src RAW.SRC --ref RAW.TGT [--cpu]
+    python -m fairseq_pskd.experiment lenpen RUN_DIR [--grid 0.6,0.8,1.0,1.2,1.4,1.6,2.0]
     python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown] [--paired-bs]
                                                                       [--mean-over-seeds]
 
@@ -14,7 +15,9 @@ skipped when their output exists and is newer than the checkpoint they read. A r
 give the same fairseq-train arguments (recorded in RUN_DIR/train_args.json): otherwise it stops
 with an error instead of resuming, or re-scoring, checkpoints trained with other ones.
 ``score`` decodes and scores any raw test set with a finished run, through the same
-preprocessing, checkpoint and decoding settings (output in RUN_DIR/score-NAME).
+preprocessing, checkpoint and decoding settings (output in RUN_DIR/score-NAME). ``lenpen``
+chooses a run's length penalty on validation data and decodes its test sets with it (output in
+RUN_DIR/lenpen, a results.json that ``table`` reads like any run's).
 """
 import argparse
 import difflib
@@ -206,17 +209,19 @@ def run(args):
     return 0
 
 
-def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
-    """Decode ``subset`` of ``data_bin`` with ``ckpt``, score it against the raw reference
-    ``ref`` and measure calibration; outputs go to ``out`` (skipped when newer than ckpt)."""
+def _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env):
+    """Beam-search ``subset`` of ``data_bin`` with ``ckpt`` (args.beam, args.lenpen) and score
+    the detokenised output against the raw reference ``ref``; outputs go to ``out`` (skipped
+    when newer than what they are made from). Returns the score dict of evaluate.py."""
     py = sys.executable
     device = ["--cpu"] if args.cpu else []
     # 1. beam search; --post-process sentencepiece gives Moses-tokenised text
     gen = out / f"generate.{subset}.txt"
     if not _fresh(gen, ckpt):
+        out.mkdir(parents=True, exist_ok=True)
         tmp = gen.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            log(f"generating {subset} (beam {args.beam})")
+            log(f"generating {subset} (beam {args.beam}, lenpen {args.lenpen})")
             proc = subprocess.run(
                 [py, "-m", "fairseq_cli.generate", str(data_bin), "--user-dir", USER_DIR,
                  "--source-lang", src, "--target-lang", tgt, "--path", str(ckpt),
@@ -235,20 +240,99 @@ def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
         _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
               "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
              out / "eval.log", env)
-    # 3. teacher-forced calibration: ECE, NLL, AURC, reliability diagram
+    return json.loads(score.read_text())
+
+
+def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
+    """Decode and score ``subset`` (_decode_and_score), then measure calibration; outputs go to
+    ``out`` (skipped when newer than ckpt)."""
+    s = _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env)
+    # 3. teacher-forced calibration: ECE, NLL, AURC, reliability diagram (decoding plays no part)
     calib = out / f"calibration.{subset}.json"
     if not _fresh(calib, ckpt):
-        _run([py, "-m", "fairseq_pskd.evaluate", "calibration", "--data-bin", data_bin,
+        _run([sys.executable, "-m", "fairseq_pskd.evaluate", "calibration", "--data-bin", data_bin,
               "--path", ckpt, "--subset", subset, "--bins", args.bins,
               "--png", out / f"reliability.{subset}.png", "--title", title,
-              "--json", calib, *device], out / "eval.log", env)
-    s, c = json.loads(score.read_text()), json.loads(calib.read_text())
+              "--json", calib, *(["--cpu"] if args.cpu else [])], out / "eval.log", env)
+    c = json.loads(calib.read_text())
     return {
         "bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
         "chrf_signature": s["chrf_signature"], "ece": c["ece"], "nll": c["nll"],
         "aurc": c["aurc"], "eaurc": c.get("eaurc"), "accuracy": c.get("accuracy"),
         "bins": args.bins, "sentences": s["n"],
     }
+
+
+def _finished_run(run_arg):
+    """(run directory, its results.json, prepared directory, manifest) of a finished run."""
+    run_dir = Path(run_arg).resolve()
+    results_path = run_dir / "results.json"
+    if not results_path.exists():
+        raise ExperimentError(f"{results_path} not found: this needs a finished "
+                              "`experiment run` directory")
+    results = json.loads(results_path.read_text())
+    prepared = _prepared_of(results)
+    manifest = _read_manifest(prepared)
+    if not Path(results["checkpoint"]).exists():
+        raise ExperimentError(f"the run's checkpoint {results['checkpoint']} is gone")
+    return run_dir, results, prepared, manifest
+
+
+def lenpen(args):
+    """Choose the length penalty on validation data, then decode the test sets with it.
+
+    Beam search's length penalty changes how long the translations are, and BLEU's brevity
+    penalty punishes a system that is too short whatever its n-gram precision: two systems
+    compared at one fixed lenpen can differ by their length alone. Each value of the grid decodes
+    the validation subset; the one with the best BLEU (the smallest on ties) decodes the run's
+    test subsets into RUN/lenpen/, a results directory that `table` reads like a run's (the
+    calibration is the run's own: teacher-forced, decoding plays no part in it).
+    """
+    run_dir, results, prepared, manifest = _finished_run(args.run)
+    src, tgt = results["src"], results["tgt"]
+    data_bin = prepared / manifest.get("data_bin", "data-bin")
+    ckpt = Path(results["checkpoint"])
+    out = run_dir / "lenpen"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args.beam = results["beam"]
+    grid = sorted(set(args.grid))
+    ref = prepared / "ref" / f"{args.valid_subset}.{tgt}"
+    if not ref.exists():
+        raise ExperimentError(f"reference {ref} not found: --valid-subset names a split the "
+                              "prepared data has no reference for")
+    bleu = {}
+    for value in grid:
+        args.lenpen = value
+        scored = _decode_and_score(data_bin, src, tgt, ckpt, args.valid_subset, ref,
+                                   out / f"{args.valid_subset}.lenpen{value:g}", args, env)
+        bleu[value] = scored["bleu"]
+        log(f"lenpen {value:g}: BLEU {scored['bleu']:.2f} on {args.valid_subset} "
+            f"({scored['bleu_detail'].split('(')[-1].rstrip(')')})")
+    best = max(grid, key=lambda v: (round(bleu[v], 6), -v))
+    if len(grid) > 1 and best in (grid[0], grid[-1]):
+        log(f"warning: the best length penalty, {best:g}, is at the end of the grid: a value "
+            "beyond it may be better (--grid)")
+    args.lenpen = best
+    tuned = {**results, "lenpen": best, "tests": {},
+             "lenpen_choice": {"subset": args.valid_subset, "beam": args.beam,
+                               "bleu": {f"{v:g}": bleu[v] for v in grid}}}
+    for subset, old in results["tests"].items():
+        test_ref = prepared / "ref" / f"{subset}.{tgt}"
+        s = _decode_and_score(data_bin, src, tgt, ckpt, subset, test_ref, out, args, env)
+        tuned["tests"][subset] = {**old, "bleu": s["bleu"], "chrf": s["chrf"],
+                                  "bleu_signature": s["bleu_signature"],
+                                  "chrf_signature": s["chrf_signature"], "sentences": s["n"]}
+        calib = run_dir / f"calibration.{subset}.json"
+        if calib.exists():
+            (out / calib.name).write_bytes(calib.read_bytes())
+    (out / "results.json").write_text(json.dumps(tuned, indent=2) + "\n")
+    print(f"{results['name']}: lenpen {best:g} chosen on {args.valid_subset} "
+          f"(BLEU {', '.join(f'{v:g}: {bleu[v]:.2f}' for v in grid)})")
+    for subset, t in tuned["tests"].items():
+        print(f"{subset}: BLEU {t['bleu']:.2f} (lenpen {results['lenpen']:g}: "
+              f"{results['tests'][subset]['bleu']:.2f}), chrF {t['chrf']:.2f}")
+    log(f"results: {out / 'results.json'}")
+    return 0
 
 
 def score(args):
@@ -258,19 +342,10 @@ def score(args):
     from .prepare import binarize, subword, text
     from .prepare.errors import PrepareError
 
-    run_dir = Path(args.run).resolve()
-    results_path = run_dir / "results.json"
-    if not results_path.exists():
-        raise ExperimentError(f"{results_path} not found: score needs a finished "
-                              "`experiment run` directory")
-    results = json.loads(results_path.read_text())
-    prepared = _prepared_of(results)
-    manifest = _read_manifest(prepared)
+    run_dir, results, prepared, manifest = _finished_run(args.run)
     src, tgt = results["src"], results["tgt"]
     data_bin = prepared / manifest.get("data_bin", "data-bin")
     ckpt = Path(results["checkpoint"])
-    if not ckpt.exists():
-        raise ExperimentError(f"the run's checkpoint {ckpt} is gone")
     try:
         src_lines, ref_lines = text.read_lines(args.src), text.read_lines(args.ref)
     except PrepareError as e:
@@ -328,7 +403,8 @@ def _prepared_of(results):
 
 
 COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subset}"),
-           ("epochs", "{max_epoch}"), ("BLEU", "{bleu:.2f}"), ("p", "{p}"), ("chrF", "{chrf:.2f}"),
+           ("epochs", "{max_epoch}"), ("lenpen", "{lenpen_shown}"),
+           ("BLEU", "{bleu:.2f}"), ("p", "{p}"), ("chrF", "{chrf:.2f}"),
            ("ECE %", "{ece_pct:.2f}"), ("NLL", "{nll:.3f}"), ("AURC x1000", "{aurc_k:.1f}"),
            ("length", "{length}"), ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
 
@@ -340,7 +416,15 @@ def _rows(results_list):
             e = extra.get(subset, {})
             yield {**r, **t, "subset": subset, "ece_pct": 100 * t["ece"], "aurc_k": 1000 * t["aurc"],
                    "train_min": r.get("train_seconds", 0) / 60, "p": e.get("p", ""),
-                   "length": e.get("length", "-"), "valid_nll": extra.get("valid_nll", "-")}
+                   "length": e.get("length", "-"), "valid_nll": extra.get("valid_nll", "-"),
+                   "lenpen_shown": _lenpen_shown(r)}
+
+
+def _lenpen_shown(results):
+    """The run's length penalty; "(valid)" when `lenpen` chose it on validation data."""
+    if "lenpen" not in results:
+        return "-"
+    return f"{results['lenpen']:g}" + (" (valid)" if results.get("lenpen_choice") else "")
 
 
 def _table_extras(results, run_dir):
@@ -353,10 +437,12 @@ def _table_extras(results, run_dir):
             m = re.search(r"ratio = ([0-9.]+)", json.loads(score_json.read_text()).get("bleu_detail", ""))
             if m:
                 extras[subset] = {"length": f"{float(m.group(1)):.3f}"}
-    if (run_dir / "train.log").exists():
+    # a RUN/lenpen directory shares its run's training log
+    train_log = run_dir / ("../train.log" if results.get("lenpen_choice") else "train.log")
+    if train_log.exists():
         from .plots import parse_log
 
-        valid = parse_log(run_dir / "train.log").get("valid", {})
+        valid = parse_log(train_log).get("valid", {})
         if valid and "nll_loss" in valid[max(valid)]:
             extras["valid_nll"] = f"{valid[max(valid)]['nll_loss']:.3f}"
     return extras
@@ -405,7 +491,10 @@ def format_means(results_list, markdown=False):
     groups = {}
     for r in results_list:
         for subset, t in r["tests"].items():
-            key = (_SEED_SUFFIX.sub("", r["name"]), subset)
+            system = _SEED_SUFFIX.sub("", r["name"])
+            if r.get("lenpen_choice"):  # not averaged with the same runs at their fixed lenpen
+                system += " (lenpen on valid)"
+            key = (system, subset)
             groups.setdefault(key, []).append((r, t))
     head = ["system", "test", "runs"] + [h for h, *_ in MEAN_COLUMNS] + ["length", "valid NLL"]
     rows = []
@@ -453,6 +542,16 @@ def table(args):
     return 0
 
 
+def _floats(text):
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fairseq_pskd.experiment", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -482,6 +581,14 @@ def main(argv=None):
     sc.add_argument("--batch-size", type=int, default=128, help="sentences per decoding batch")
     sc.add_argument("--bins", type=int, default=10, help="equal-width ECE bins (default 10)")
     sc.add_argument("--cpu", action="store_true", help="decode and calibrate on the CPU")
+    lp = sub.add_parser("lenpen", help="choose a finished run's length penalty on validation "
+                                       "data and decode its test sets with it (into RUN/lenpen)")
+    lp.add_argument("run", help="run directory of a finished `experiment run`")
+    lp.add_argument("--grid", type=_floats, default=[0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 2.0],
+                    help="comma-separated length penalties to try (default 0.6,...,2.0)")
+    lp.add_argument("--valid-subset", default="valid", help="split to choose on (default valid)")
+    lp.add_argument("--batch-size", type=int, default=128, help="sentences per decoding batch")
+    lp.add_argument("--cpu", action="store_true", help="decode on the CPU")
     t = sub.add_parser("table", help="print the results table of finished runs")
     t.add_argument("results", nargs="+", help="results.json files")
     t.add_argument("--markdown", action="store_true")
@@ -493,7 +600,7 @@ def main(argv=None):
                         "NAME-s2, ...)")
     args = parser.parse_args(argv)
     try:
-        return {"run": run, "score": score, "table": table}[args.command](args)
+        return {"run": run, "score": score, "lenpen": lenpen, "table": table}[args.command](args)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

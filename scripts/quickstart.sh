@@ -5,7 +5,8 @@
 #   bash scripts/quickstart.sh            # full run: under 60 min on 2 CPU cores
 #   bash scripts/quickstart.sh --quick    # smoke run: a tiny model, 2 epochs, under 10 min
 #   bash scripts/quickstart.sh --long     # to convergence: 40 epochs, last-5 average, seeds 1
-#                                         # and 2 of baseline, PS-KD a_T 0.1 and a_T 0.8 (hours)
+#                                         # and 2 of baseline, PS-KD a_T 0.1 and a_T 0.8 (hours);
+#                                         # each scored at lenpen 1 and at one chosen on valid
 #
 # Options: --work DIR (default ./work/quickstart[-quick|-long], -sN added for --seed N > 1),
 # --raw DIR (a local copy of Multi30k's data/task1/raw files; default: download them from the
@@ -142,6 +143,11 @@ if [[ $LONG == 1 ]]; then
       echo "[quickstart] $(date +%H:%M) training $name ($EPOCHS epochs); log: $WORK/$name.log"
       run "$name" "$seed" "${args[@]}" || {
         echo "[quickstart] $name failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
+      # and its length penalty chosen on valid: BLEU's brevity penalty must not decide the
+      # comparison (docs/RESULTS.md); into $WORK/$name/lenpen
+      OMP_NUM_THREADS=$THREADS "$PY" -m fairseq_pskd.experiment lenpen "$WORK/$name" --cpu \
+        >> "$WORK/$name.log" 2>&1 || {
+        echo "[quickstart] $name lenpen failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
     done
   }
   lane baseline-s1:1:baseline pskd-a0.8-s1:1:strong pskd-a0.1-s2:2:weak & PID_A=$!
@@ -149,17 +155,22 @@ if [[ $LONG == 1 ]]; then
   FAIL=0; wait $PID_A || FAIL=1; wait $PID_B || FAIL=1
   (( FAIL == 0 )) || exit 1
   NAMES=(baseline-s1 pskd-a0.1-s1 pskd-a0.8-s1 baseline-s2 pskd-a0.1-s2 pskd-a0.8-s2)
-  LOGS=(); RESULTS=()
-  for n in "${NAMES[@]}"; do LOGS+=("$WORK/$n/train.log"); RESULTS+=("$WORK/$n/results.json"); done
+  LOGS=(); RESULTS=(); TUNED=()
+  for n in "${NAMES[@]}"; do
+    LOGS+=("$WORK/$n/train.log"); RESULTS+=("$WORK/$n/results.json"); TUNED+=("$WORK/$n/lenpen/results.json")
+  done
   "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --out "$WORK/curves.png" >/dev/null
   echo
-  echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline)"
+  echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline;"
+  echo "each run at lenpen 1, then at the length penalty its validation BLEU chose)"
   {
     for s in 1 2; do
-      "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s/results.json --paired-bs
-      echo
+      for dir in "" /lenpen; do
+        "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s$dir/results.json --paired-bs
+        echo
+      done
     done
-    "$PY" -m fairseq_pskd.experiment table "${RESULTS[@]}" --mean-over-seeds \
+    "$PY" -m fairseq_pskd.experiment table "${RESULTS[@]}" "${TUNED[@]}" --mean-over-seeds \
       | sed -n '/^mean over the seeds/,$p'
   } | tee "$WORK/results.txt"
   echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png"

@@ -55,7 +55,7 @@ def test_same_arguments_pass_and_are_recorded(tmp_path):
     assert json.loads((fresh / "train_args.json").read_text()) == ["--max-epoch", "4"]
 
 
-def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path):
+def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     """29 test sentences (not a multiple of fairseq's default --required-batch-size-multiple 8,
     which would leave out 5 of them): all 29 are translated, scored and calibrated."""
     raw = make_toy_corpus(tmp_path / "raw", n_train=64, n_valid=8, n_test=29, seed=3)
@@ -78,6 +78,31 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path):
     calib = json.loads((out / "calibration.test.json").read_text())
     n_target_tokens = sum(len(line.split()) + 1 for line in (raw / "test.tgt").read_text().splitlines())
     assert calib["num_sentences"] == 29 and calib["num_tokens"] == n_target_tokens  # + EOS each
+
+    # `lenpen` on the same run: each grid value decodes the validation split, the best one the test
+    code = experiment.main(["lenpen", str(out), "--grid", "2,0.5", "--cpu"])
+    assert code == 2  # the prepared data has no validation reference yet
+    shutil.copy(raw / "valid.tgt", prepared / "ref" / "valid.tgt")
+    assert experiment.main(["lenpen", str(out), "--grid", "2,0.5", "--cpu"]) == 0
+    tuned = json.loads((out / "lenpen" / "results.json").read_text())
+    valid_bleu = {v: json.loads((out / "lenpen" / f"valid.lenpen{v}" / "score.valid.json").read_text())["bleu"]
+                  for v in ("0.5", "2")}
+    assert tuned["lenpen_choice"]["bleu"] == valid_bleu
+    assert tuned["lenpen"] == max((0.5, 2.0), key=lambda v: (valid_bleu[f"{v:g}"], -v))
+    assert len((out / "lenpen" / "valid.lenpen2" / "hyp.valid.tgt").read_text().splitlines()) == 8
+    assert len((out / "lenpen" / "hyp.test.tgt").read_text().splitlines()) == 29
+    assert tuned["tests"]["test"]["sentences"] == 29
+    assert (out / "lenpen" / "calibration.test.json").read_bytes() == (out / "calibration.test.json").read_bytes()
+    capsys.readouterr()
+    assert experiment.main(["table", str(out / "results.json"), str(out / "lenpen" / "results.json"),
+                            "--markdown"]) == 0
+    head, _, fixed, chosen = [dict(enumerate(c.strip() for c in line.strip("|").split("|")))
+                              for line in capsys.readouterr().out.splitlines()[:4]]
+    col = {name: i for i, name in head.items()}
+    assert fixed[col["lenpen"]] == "1" and chosen[col["lenpen"]] == f"{tuned['lenpen']:g} (valid)"
+    assert chosen[col["BLEU"]] == f"{tuned['tests']['test']['bleu']:.2f}"
+    valid_nll = fixed[col["valid NLL"]]
+    assert valid_nll != "-" and chosen[col["valid NLL"]] == valid_nll  # the run's training log
 
 
 def hypotheses(generate_output):
@@ -117,7 +142,7 @@ def test_score_a_raw_test_set_through_the_run_preprocessing(m30k, tmp_path):
 
 def test_score_refuses_what_it_cannot_score(tmp_path, capsys):
     assert experiment.main(["score", str(tmp_path), "--src", "a", "--ref", "b"]) == 2
-    assert "score needs a finished `experiment run` directory" in capsys.readouterr().err
+    assert "this needs a finished `experiment run` directory" in capsys.readouterr().err
 
 
 def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
