@@ -14,12 +14,14 @@ from conftest import MULTI30K_RAW, epoch_stats, needs_multi30k
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 RUNS = sorted(p.parent for p in RESULTS.glob("*/*/results.json"))
+# `experiment lenpen` of a run: the run's test sets decoded at the length penalty chosen on valid
+TUNED = sorted(p.parent for p in RESULTS.glob("*/*/lenpen/results.json"))
 # experiment run's test subset -> the raw Multi30k file its references come from
 MULTI30K_TEST_FILES = {"test": "test_2016_flickr"}
 
 
 def _id(run):
-    return f"{run.parent.name}/{run.name}"
+    return str(run.relative_to(RESULTS))
 
 
 def test_there_is_evidence_to_check():
@@ -43,8 +45,23 @@ def test_run_files_agree(run):
     assert all("nll_loss" in valid[epoch] for epoch in valid)
 
 
+@pytest.mark.parametrize("tuned", TUNED, ids=_id)
+def test_lenpen_choice_agrees_with_its_run(tuned):
+    run = json.loads((tuned.parent / "results.json").read_text())
+    result = json.loads((tuned / "results.json").read_text())
+    assert result["name"] == run["name"] and result["train_args"] == run["train_args"]
+    assert result["checkpoint"] == run["checkpoint"] and result["beam"] == run["beam"]
+    grid = {float(v): bleu for v, bleu in result["lenpen_choice"]["bleu"].items()}
+    assert result["lenpen"] == max(grid, key=lambda v: (round(grid[v], 6), -v))  # best on valid
+    score = json.loads((tuned / "score.test.json").read_text())
+    assert result["tests"]["test"]["bleu"] == score["bleu"] and score["n"] == 1000
+    # calibration is teacher-forced: the run's own
+    for key in ("ece", "nll", "aurc"):
+        assert result["tests"]["test"][key] == run["tests"]["test"][key]
+
+
 @needs_multi30k
-@pytest.mark.parametrize("run", RUNS, ids=_id)
+@pytest.mark.parametrize("run", RUNS + TUNED, ids=_id)
 def test_hypotheses_rescore_to_reported_bleu(run):
     import sacrebleu
     from fairseq_pskd.prepare import text
