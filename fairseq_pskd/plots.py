@@ -105,15 +105,21 @@ def parse_log(path):
         return parse_lines(f)
 
 
-def _series(per_epoch, key):
-    epochs = sorted(e for e, m in per_epoch.items() if key in m and math.isfinite(m[key]))
+def _series(per_epoch, key, first_epoch=1):
+    epochs = sorted(e for e, m in per_epoch.items()
+                    if e >= first_epoch and key in m and math.isfinite(m[key]))
     return epochs, [per_epoch[e][key] for e in epochs]
 
 
-def plot_curves(logs, out, labels=None, title=None):
-    """Draw train/valid loss, valid BLEU and PS-KD alpha / coverage per epoch, one line per
-    log, into one PNG. ``logs`` are paths or already parsed dicts. Panels whose metric is in
-    no log are left out. Returns the list of panel names drawn."""
+def plot_curves(logs, out, labels=None, title=None, first_epoch=1):
+    """Draw train/valid NLL, train/valid loss, valid BLEU and PS-KD alpha / coverage per epoch,
+    one line per log, into one PNG. ``logs`` are paths or already parsed dicts; epochs before
+    ``first_epoch`` are left out (to see the end of a long run). Panels whose metric is in no
+    log are left out. Returns the list of panel names drawn.
+
+    NLL (fairseq's ``nll_loss``, bits per token of the reference) compares runs of different
+    criteria; ``loss`` is each criterion's own training objective (PS-KD's is against its soft
+    targets), so its train curves compare only runs of one criterion."""
     import logging
     # importing fairseq leaves the root logger at DEBUG (its text_to_speech task calls
     # basicConfig); keep matplotlib's font-search chatter out of the output
@@ -124,6 +130,8 @@ def plot_curves(logs, out, labels=None, title=None):
     from matplotlib.ticker import MaxNLocator
 
     parsed = [parse_log(p) if isinstance(p, (str, Path)) else p for p in logs]
+    parsed = [{tag: {e: m for e, m in ep.items() if e >= first_epoch} for tag, ep in d.items()}
+              for d in parsed]
     if labels is None:
         labels = [Path(p).stem if isinstance(p, (str, Path)) else f"run {i + 1}"
                   for i, p in enumerate(logs)]
@@ -137,6 +145,8 @@ def plot_curves(logs, out, labels=None, title=None):
     is_train = lambda t: t == "train"  # noqa: E731
     is_valid = lambda t: t != "train"  # noqa: E731
     panels = []
+    if has(is_train, "nll_loss") or has(is_valid, "nll_loss"):
+        panels.append(("nll_loss", "NLL, bits per token (train solid, valid dashed)"))
     if has(is_train, "loss") or has(is_valid, "loss"):
         panels.append(("loss", "loss (train solid, valid dashed)"))
     if has(is_valid, "bleu"):
@@ -146,7 +156,8 @@ def plot_curves(logs, out, labels=None, title=None):
     if has(is_train, "pskd_coverage"):
         panels.append(("pskd_coverage", "PS-KD coverage"))
     if not panels:
-        raise ValueError("no end-of-epoch train/valid metrics found in the logs")
+        since = f" from epoch {first_epoch} on" if first_epoch > 1 else ""
+        raise ValueError(f"no end-of-epoch train/valid metrics{since} found in the logs")
 
     ncols = 2 if len(panels) > 1 else 1
     nrows = math.ceil(len(panels) / ncols)
@@ -155,12 +166,12 @@ def plot_curves(logs, out, labels=None, title=None):
     for ax, (key, name) in zip(axes.flat, panels):
         for i, (data, label) in enumerate(zip(parsed, labels)):
             color = colors[i % len(colors)]
-            if key in ("loss", "pskd_alpha", "pskd_coverage") and "train" in data:
+            if key in ("nll_loss", "loss", "pskd_alpha", "pskd_coverage") and "train" in data:
                 x, y = _series(data["train"], key)
                 if x:
                     ax.plot(x, y, "-o", color=color, markersize=3,
-                            label=f"{label} train" if key == "loss" else label)
-            if key in ("loss", "bleu"):
+                            label=f"{label} train" if key in ("loss", "nll_loss") else label)
+            if key in ("nll_loss", "loss", "bleu"):
                 styles = ["--", ":", "-."]
                 for j, tag in enumerate(t for t in sorted(data) if t != "train"):
                     x, y = _series(data[tag], key)
@@ -187,17 +198,20 @@ def plot_curves(logs, out, labels=None, title=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fairseq_pskd.plots",
-        description="Plot train/valid loss, valid BLEU and PS-KD alpha/coverage per epoch from "
+        description="Plot train/valid NLL and loss, valid BLEU and PS-KD alpha/coverage per epoch from "
                     "fairseq training logs (--log-format simple, tqdm or json).")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="fairseq-train log files")
     parser.add_argument("--out", required=True, metavar="PNG", help="output image")
     parser.add_argument("--labels", nargs="+", help="one label per log (default: file names)")
     parser.add_argument("--title", help="figure title")
+    parser.add_argument("--first-epoch", type=int, default=1, metavar="N",
+                        help="leave out the epochs before N (to see the end of a long run)")
     args = parser.parse_args(argv)
     if args.labels is not None and len(args.labels) != len(args.logs):
         parser.error(f"{len(args.labels)} --labels for {len(args.logs)} logs")
     try:
-        panels = plot_curves(args.logs, args.out, labels=args.labels, title=args.title)
+        panels = plot_curves(args.logs, args.out, labels=args.labels, title=args.title,
+                             first_epoch=args.first_epoch)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ def test_plot_png_and_cli(tmp_path, capsys):
     js.write_text(JSON)
     out = tmp_path / "curves.png"
     panels = plot_curves([simple, js], out)
-    assert panels == ["loss", "bleu", "pskd_alpha", "pskd_coverage"]
+    assert panels == ["nll_loss", "loss", "bleu", "pskd_alpha", "pskd_coverage"]
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 20_000
 
@@ -92,12 +92,19 @@ def test_plot_png_and_cli(tmp_path, capsys):
     plain.write_text("".join(l + "\n" for l in SIMPLE.splitlines()
                              if "| train |" in l or "| valid |" in l)
                      .replace("| bleu", "| xbleu").replace("pskd_", "other_"))
-    assert plot_curves([plain], tmp_path / "plain.png") == ["loss"]
+    assert plot_curves([plain], tmp_path / "plain.png") == ["nll_loss", "loss"]
+    # the end of a run: epoch 3 only (the JSON log ends at epoch 2 and draws nothing)
+    assert plot_curves([simple, js], tmp_path / "end.png", first_epoch=3) == [
+        "nll_loss", "loss", "bleu", "pskd_alpha", "pskd_coverage"]
+    assert plot_curves([js], tmp_path / "end.png", first_epoch=2) == [
+        "loss", "bleu", "pskd_alpha", "pskd_coverage"]  # epoch 2 has no nll_loss
+    with pytest.raises(ValueError, match="from epoch 4 on"):
+        plot_curves([simple, js], tmp_path / "none.png", first_epoch=4)
 
     cli_out = tmp_path / "cli.png"
     assert main([str(simple), str(js), "--out", str(cli_out), "--labels", "baseline", "pskd"]) == 0
     assert cli_out.read_bytes()[:8] == PNG_MAGIC
-    assert "loss, bleu, pskd_alpha, pskd_coverage" in capsys.readouterr().out
+    assert "nll_loss, loss, bleu, pskd_alpha, pskd_coverage" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:  # label count must match
         main([str(simple), str(js), "--out", str(cli_out), "--labels", "one"])
     assert exc.value.code == 2
