@@ -160,6 +160,9 @@ if [[ $LONG == 1 ]]; then
     LOGS+=("$WORK/$n/train.log"); RESULTS+=("$WORK/$n/results.json"); TUNED+=("$WORK/$n/lenpen/results.json")
   done
   "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --out "$WORK/curves.png" >/dev/null
+  # the second half, where the differences between the runs are
+  "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --first-epoch $(( EPOCHS / 2 )) \
+    --out "$WORK/curves-end.png" >/dev/null
   echo
   echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline;"
   echo "each run at lenpen 1, then at the length penalty its validation BLEU chose)"
@@ -173,7 +176,7 @@ if [[ $LONG == 1 ]]; then
     "$PY" -m fairseq_pskd.experiment table "${RESULTS[@]}" "${TUNED[@]}" --mean-over-seeds \
       | sed -n '/^mean over the seeds/,$p'
   } | tee "$WORK/results.txt"
-  echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png"
+  echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png, $WORK/curves-end.png"
   exit 0
 fi
 
