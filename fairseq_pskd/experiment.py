@@ -3,7 +3,7 @@
     python -m fairseq_pskd.experiment run --prepared DATA --out RUN_DIR [--average-last N]
         [--beam 5 --lenpen 1.0] [--test-subsets test,test1] [--cpu] -- FAIRSEQ-TRAIN-ARGS...
     python -m fairseq_pskd.experiment score RUN_DIR --src RAW.SRC --ref RAW.TGT [--cpu]
-    python -m fairseq_pskd.experiment lenpen RUN_DIR [--grid 0.6,0.8,1.0,1.2,1.4,1.6,2.0]
+    python -m fairseq_pskd.experiment lenpen RUN_DIR [--grid 0.6,0.8,...,2.0,2.5,3.0]
     python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown] [--paired-bs]
                                                                       [--mean-over-seeds]
 
@@ -133,19 +133,23 @@ def training_wall_seconds(log_path):
     of each segment of an appended log is summed (work an interruption threw away is not
     counted). None when the log has no epoch summary with a wall time.
     """
-    total = last = None
+    total, last, seen = 0.0, None, False
     with open(log_path, errors="replace") as f:
         for line in f:
             m = _EPOCH_WALL.search(line) if "| train | epoch" in line else None
             if m:
                 wall = float(m.group(1))
-                if last is not None and wall < last:  # a new segment: fairseq resumed
-                    total = (total or 0.0) + last
-                last = wall
-    return None if last is None else (total or 0.0) + last
+                if last is not None and wall < last:  # a new segment without a start-up line
+                    total, last = total + last, None
+                last, seen = wall, True
+            elif _TRAIN_START in line and last is not None:  # fairseq-train started again
+                total, last = total + last, None
+    return (total + (last or 0.0)) if seen else None
 
 
 _EPOCH_WALL = re.compile(r"\| wall (\d+(?:\.\d+)?)\b")
+# the configuration fairseq-train logs first thing, each time it starts
+_TRAIN_START = "| fairseq_cli.train | {'_name'"
 
 
 def run(args):
@@ -212,13 +216,18 @@ def run(args):
 def _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env):
     """Beam-search ``subset`` of ``data_bin`` with ``ckpt`` (args.beam, args.lenpen) and score
     the detokenised output against the raw reference ``ref``; outputs go to ``out`` (skipped
-    when newer than what they are made from). Returns the score dict of evaluate.py."""
+    when made from the same checkpoint, unchanged since, and settings). Returns the score dict
+    of evaluate.py."""
     py = sys.executable
     device = ["--cpu"] if args.cpu else []
     # 1. beam search; --post-process sentencepiece gives Moses-tokenised text
     gen = out / f"generate.{subset}.txt"
-    if not _fresh(gen, ckpt):
+    # what the decode was made with: a rerun with another checkpoint, beam or lenpen redoes it
+    stamp, made_with = out / f"generate.{subset}.json", {
+        "checkpoint": str(ckpt), "beam": args.beam, "lenpen": args.lenpen}
+    if not (_fresh(gen, ckpt) and stamp.exists() and json.loads(stamp.read_text()) == made_with):
         out.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)
         tmp = gen.with_suffix(".tmp")
         with open(tmp, "w") as f:
             log(f"generating {subset} (beam {args.beam}, lenpen {args.lenpen})")
@@ -234,6 +243,7 @@ def _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env):
         if proc.returncode != 0:
             raise ExperimentError(f"fairseq-generate failed:\n{proc.stderr[-3000:]}")
         os.replace(tmp, gen)
+        stamp.write_text(json.dumps(made_with) + "\n")
     # 2. detokenised sacrebleu BLEU / chrF against the raw reference
     score = out / f"score.{subset}.json"
     if not _fresh(score, gen):
@@ -295,7 +305,7 @@ def lenpen(args):
     out = run_dir / "lenpen"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     args.beam = results["beam"]
-    grid = sorted(set(args.grid))
+    grid = sorted({float(f"{v:g}") for v in args.grid})  # one value per decode directory name
     ref = prepared / "ref" / f"{args.valid_subset}.{tgt}"
     if not ref.exists():
         raise ExperimentError(f"reference {ref} not found: --valid-subset names a split the "
@@ -318,7 +328,12 @@ def lenpen(args):
                                "bleu": {f"{v:g}": bleu[v] for v in grid}}}
     for subset, old in results["tests"].items():
         test_ref = prepared / "ref" / f"{subset}.{tgt}"
-        s = _decode_and_score(data_bin, src, tgt, ckpt, subset, test_ref, out, args, env)
+        # decoded in a directory of its lenpen (a rerun that chooses another one never reuses
+        # this decode), then put where `table` reads a run's hypotheses and scores
+        at = out / f"{subset}.lenpen{best:g}"
+        s = _decode_and_score(data_bin, src, tgt, ckpt, subset, test_ref, at, args, env)
+        for name in (f"hyp.{subset}.{tgt}", f"score.{subset}.json"):
+            (out / name).write_bytes((at / name).read_bytes())
         tuned["tests"][subset] = {**old, "bleu": s["bleu"], "chrf": s["chrf"],
                                   "bleu_signature": s["bleu_signature"],
                                   "chrf_signature": s["chrf_signature"], "sentences": s["n"]}
@@ -418,6 +433,10 @@ def _rows(results_list):
                    "train_min": r.get("train_seconds", 0) / 60, "p": e.get("p", ""),
                    "length": e.get("length", "-"), "valid_nll": extra.get("valid_nll", "-"),
                    "lenpen_shown": _lenpen_shown(r)}
+
+
+def _shown_name(results):
+    return results["name"] + (" (lenpen on valid)" if results.get("lenpen_choice") else "")
 
 
 def _lenpen_shown(results):
@@ -523,6 +542,10 @@ def table(args):
             raise ExperimentError(f"{p} not found: run `python -m fairseq_pskd.experiment run` first")
         results.append(json.loads(p.read_text()))
         results[-1]["_table"] = _table_extras(results[-1], p.parent)
+        ckpt = Path(results[-1].get("checkpoint", ""))
+        if results[-1].get("lenpen_choice") and ckpt.is_file() and not _fresh(p, ckpt):
+            print(f"warning: {p} is older than its checkpoint {ckpt}: rerun `python -m "
+                  f"fairseq_pskd.experiment lenpen {p.parent.parent}`", file=sys.stderr)
     if args.paired_bs and len(results) > 1:
         _paired_bootstrap(results, [Path(p).parent for p in args.results])
     print(format_table(results, markdown=args.markdown))
@@ -536,7 +559,7 @@ def table(args):
         for subset in a["tests"]:
             if subset in b["tests"]:
                 ta, tb = a["tests"][subset], b["tests"][subset]
-                print(f"\n{b['name']} - {a['name']} on {subset}: BLEU {tb['bleu'] - ta['bleu']:+.2f}, "
+                print(f"\n{_shown_name(b)} - {_shown_name(a)} on {subset}: BLEU {tb['bleu'] - ta['bleu']:+.2f}, "
                       f"chrF {tb['chrf'] - ta['chrf']:+.2f}, ECE {100 * (tb['ece'] - ta['ece']):+.2f} pts, "
                       f"NLL {tb['nll'] - ta['nll']:+.3f}, AURC x1000 {1000 * (tb['aurc'] - ta['aurc']):+.1f}")
     return 0
@@ -584,8 +607,9 @@ def main(argv=None):
     lp = sub.add_parser("lenpen", help="choose a finished run's length penalty on validation "
                                        "data and decode its test sets with it (into RUN/lenpen)")
     lp.add_argument("run", help="run directory of a finished `experiment run`")
-    lp.add_argument("--grid", type=_floats, default=[0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 2.0],
-                    help="comma-separated length penalties to try (default 0.6,...,2.0)")
+    lp.add_argument("--grid", type=_floats, default=[0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0],
+                    help="comma-separated length penalties to try (default 0.6,0.8,...,2.0,"
+                         "2.5,3.0; a negative one as --grid=-0.5,...)")
     lp.add_argument("--valid-subset", default="valid", help="split to choose on (default valid)")
     lp.add_argument("--batch-size", type=int, default=128, help="sentences per decoding batch")
     lp.add_argument("--cpu", action="store_true", help="decode on the CPU")

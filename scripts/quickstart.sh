@@ -114,18 +114,30 @@ run() {  # name, seed, criterion args...
     --out "$WORK/$name" --name "$name" --beam "$BEAM" --average-last "$AVERAGE" --cpu \
     -- "${TRAIN[@]/#@SEED@/$seed}" "$@" > "$WORK/$name.log" 2>&1
 }
+lenpen() {  # name: its length penalty chosen on valid, into $WORK/name/lenpen (--long), so that
+  # BLEU's brevity penalty does not decide the comparison (docs/EVALUATION.md)
+  OMP_NUM_THREADS=$THREADS "$PY" -m fairseq_pskd.experiment lenpen "$WORK/$1" --cpu >> "$WORK/$1.log" 2>&1 || {
+    echo "[quickstart] $1 lenpen failed: see $WORK/$1.log" >&2; tail -20 "$WORK/$1.log" >&2; return 1; }
+}
 mkdir -p "$WORK"
 if [[ -n "$VARIANT" ]]; then
   echo "[quickstart] training variant $VARIANT ($EPOCHS epochs): ${VARIANT_ARGS[*]}; log: $WORK/$VARIANT.log"
   run "$VARIANT" "$SEED" "${VARIANT_ARGS[@]}" || {
     echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
-  TABLE=()
-  if [[ $LONG == 1 ]]; then MAIN=(baseline-s$SEED pskd-a0.1-s$SEED pskd-a0.8-s$SEED); else MAIN=(baseline pskd); fi
+  TABLE=(); TUNED=()
+  if [[ $LONG == 1 ]]; then
+    MAIN=(baseline-s$SEED pskd-a0.1-s$SEED pskd-a0.8-s$SEED)
+    lenpen "$VARIANT" || exit 1
+  else
+    MAIN=(baseline pskd)
+  fi
   for name in "${MAIN[@]}" "$VARIANT"; do
     [[ -f "$WORK/$name/results.json" ]] && TABLE+=("$WORK/$name/results.json")
+    [[ -f "$WORK/$name/lenpen/results.json" ]] && TUNED+=("$WORK/$name/lenpen/results.json")
   done
   echo
   "$PY" -m fairseq_pskd.experiment table "${TABLE[@]}" --paired-bs
+  if (( ${#TUNED[@]} > 1 )); then echo; "$PY" -m fairseq_pskd.experiment table "${TUNED[@]}" --paired-bs; fi
   echo "[quickstart] $VARIANT done in $(( ($(date +%s) - START) / 60 )) min"
   exit 0
 fi
@@ -143,11 +155,7 @@ if [[ $LONG == 1 ]]; then
       echo "[quickstart] $(date +%H:%M) training $name ($EPOCHS epochs); log: $WORK/$name.log"
       run "$name" "$seed" "${args[@]}" || {
         echo "[quickstart] $name failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
-      # and its length penalty chosen on valid: BLEU's brevity penalty must not decide the
-      # comparison (docs/RESULTS.md); into $WORK/$name/lenpen
-      OMP_NUM_THREADS=$THREADS "$PY" -m fairseq_pskd.experiment lenpen "$WORK/$name" --cpu \
-        >> "$WORK/$name.log" 2>&1 || {
-        echo "[quickstart] $name lenpen failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
+      lenpen "$name" || return 1
     done
   }
   lane baseline-s1:1:baseline pskd-a0.8-s1:1:strong pskd-a0.1-s2:2:weak & PID_A=$!

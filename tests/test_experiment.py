@@ -104,6 +104,20 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     valid_nll = fixed[col["valid NLL"]]
     assert valid_nll != "-" and chosen[col["valid NLL"]] == valid_nll  # the run's training log
 
+    # a rerun that chooses another lenpen decodes the test set with it, never reusing a decode
+    assert experiment.main(["lenpen", str(out), "--grid", "3", "--cpu"]) == 0
+    assert json.loads((out / "lenpen" / "results.json").read_text())["lenpen"] == 3
+    made_with = json.loads((out / "lenpen" / "test.lenpen3" / "generate.test.json").read_text())
+    assert made_with == {"checkpoint": str(out / "checkpoints" / "checkpoint_last.pt"), "beam": 1,
+                         "lenpen": 3.0}
+    assert (out / "lenpen" / "hyp.test.tgt").read_bytes() == \
+        (out / "lenpen" / "test.lenpen3" / "hyp.test.tgt").read_bytes()
+    # and so does `run` with other decoding settings (training is complete: it returns at once)
+    assert experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--beam", "2",
+                            "--cpu", "--", *TINY_ARCH, *TINY_TRAIN, "--max-epoch", "1",
+                            "--criterion", "label_smoothed_cross_entropy"]) == 0
+    assert json.loads((out / "generate.test.json").read_text())["beam"] == 2
+
 
 def hypotheses(generate_output):
     lines = [x.split("\t") for x in generate_output.read_text().splitlines() if x.startswith("H-")]
@@ -203,5 +217,9 @@ def test_training_time_sums_the_segments_of_a_resumed_run(tmp_path):
                    + summary(3, 95) + summary(4, 190)         # resumed at epoch 3
                    + summary(5, 80))                           # and once more at epoch 5
     assert experiment.training_wall_seconds(log) == 210 + 190 + 80
+    # a segment killed after its first epoch, resumed: the start-up line separates the segments
+    start = "2026-01-01 00:00:00 | INFO | fairseq_cli.train | {'_name': None, 'common': {}}\n"
+    log.write_text(start + summary(1, 100) + start + summary(2, 120) + summary(3, 230))
+    assert experiment.training_wall_seconds(log) == 100 + 230
     log.write_text("2026-01-01 00:00:00 | INFO | fairseq_cli.train | no epoch finished\n")
     assert experiment.training_wall_seconds(log) is None
