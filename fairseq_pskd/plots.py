@@ -111,6 +111,16 @@ def _series(per_epoch, key, first_epoch=1):
     return epochs, [per_epoch[e][key] for e in epochs]
 
 
+def default_labels(logs):
+    """A legend label per log: its file name without suffix, or its directory's name when file
+    names repeat (RUN_A/train.log, RUN_B/train.log); "run N" for an already parsed log."""
+    paths = [Path(p) if isinstance(p, (str, Path)) else None for p in logs]
+    stems = [p.stem if p else None for p in paths]
+    unique = len(set(stems)) == len(stems)
+    return [(p.stem if unique else p.parent.name) if p else f"run {i + 1}"
+            for i, p in enumerate(paths)]
+
+
 def plot_curves(logs, out, labels=None, title=None, first_epoch=1):
     """Draw train/valid NLL, train/valid loss, valid BLEU and PS-KD alpha / coverage per epoch,
     one line per log, into one PNG. ``logs`` are paths or already parsed dicts; epochs before
@@ -133,8 +143,7 @@ def plot_curves(logs, out, labels=None, title=None, first_epoch=1):
     parsed = [{tag: {e: m for e, m in ep.items() if e >= first_epoch} for tag, ep in d.items()}
               for d in parsed]
     if labels is None:
-        labels = [Path(p).stem if isinstance(p, (str, Path)) else f"run {i + 1}"
-                  for i, p in enumerate(logs)]
+        labels = default_labels(logs)
     if len(labels) != len(parsed):
         raise ValueError(f"{len(labels)} labels for {len(parsed)} logs")
 
@@ -202,7 +211,8 @@ def main(argv=None):
                     "fairseq training logs (--log-format simple, tqdm or json).")
     parser.add_argument("logs", nargs="+", metavar="LOG", help="fairseq-train log files")
     parser.add_argument("--out", required=True, metavar="PNG", help="output image")
-    parser.add_argument("--labels", nargs="+", help="one label per log (default: file names)")
+    parser.add_argument("--labels", nargs="+", help="one label per log (default: the file names, "
+                        "or their directories' names when the file names repeat)")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--first-epoch", type=int, default=1, metavar="N",
                         help="leave out the epochs before N (to see the end of a long run)")

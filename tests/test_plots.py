@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fairseq_pskd.plots import main, parse_lines, parse_log, plot_curves
+from fairseq_pskd.plots import default_labels, main, parse_lines, parse_log, plot_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,3 +114,10 @@ def test_plot_png_and_cli(tmp_path, capsys):
     assert main([str(tmp_path / "missing.log"), "--out", str(tmp_path / "m.png")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "missing.log" in last
+
+
+def test_default_labels_name_the_runs():
+    assert default_labels(["w/baseline.log", "w/pskd.log"]) == ["baseline", "pskd"]
+    # experiment run writes RUN/train.log: the run directories name the curves
+    assert default_labels(["r/baseline-s1/train.log", "r/pskd-a0.1-s1/train.log", {}]) == [
+        "baseline-s1", "pskd-a0.1-s1", "run 3"]
