@@ -11,7 +11,8 @@
 (the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
 decoded and scored by the same code. Steps are idempotent: fairseq-train resumes from
 checkpoint_last.pt (and returns at once when training is complete); the later steps are
-skipped when their output exists and is newer than the checkpoint they read. A rerun must
+skipped when their output exists and is newer than the checkpoint they read (a decode also
+when made with the same beam and length penalty). A rerun must
 give the same fairseq-train arguments (recorded in RUN_DIR/train_args.json): otherwise it stops
 with an error instead of resuming, or re-scoring, checkpoints trained with other ones.
 ``score`` decodes and scores any raw test set with a finished run, through the same
