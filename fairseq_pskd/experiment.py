@@ -134,18 +134,21 @@ def training_wall_seconds(log_path):
     of each segment of an appended log is summed (work an interruption threw away is not
     counted). None when the log has no epoch summary with a wall time.
     """
-    total, last, seen = 0.0, None, False
+    segments, new_segment = [], True  # the last wall time of each segment
     with open(log_path, errors="replace") as f:
         for line in f:
             m = _EPOCH_WALL.search(line) if "| train | epoch" in line else None
             if m:
                 wall = float(m.group(1))
-                if last is not None and wall < last:  # a new segment without a start-up line
-                    total, last = total + last, None
-                last, seen = wall, True
-            elif _TRAIN_START in line and last is not None:  # fairseq-train started again
-                total, last = total + last, None
-    return (total + (last or 0.0)) if seen else None
+                # a wall clock that went back is a restart whose start-up line is not in the log
+                if new_segment or wall < segments[-1]:
+                    segments.append(wall)
+                else:
+                    segments[-1] = wall
+                new_segment = False
+            elif _TRAIN_START in line:  # fairseq-train started again
+                new_segment = True
+    return sum(segments) if segments else None
 
 
 _EPOCH_WALL = re.compile(r"\| wall (\d+(?:\.\d+)?)\b")
@@ -436,8 +439,9 @@ def _rows(results_list):
                    "lenpen_shown": _lenpen_shown(r)}
 
 
-def _shown_name(results):
-    return results["name"] + (" (lenpen on valid)" if results.get("lenpen_choice") else "")
+def _shown_name(results, name=None):
+    """A run's name (or ``name``), marked when `lenpen` chose its length penalty."""
+    return (name or results["name"]) + (" (lenpen on valid)" if results.get("lenpen_choice") else "")
 
 
 def _lenpen_shown(results):
@@ -511,10 +515,8 @@ def format_means(results_list, markdown=False):
     groups = {}
     for r in results_list:
         for subset, t in r["tests"].items():
-            system = _SEED_SUFFIX.sub("", r["name"])
-            if r.get("lenpen_choice"):  # not averaged with the same runs at their fixed lenpen
-                system += " (lenpen on valid)"
-            key = (system, subset)
+            # the runs at a chosen lenpen are not averaged with the same runs at lenpen 1
+            key = (_shown_name(r, _SEED_SUFFIX.sub("", r["name"])), subset)
             groups.setdefault(key, []).append((r, t))
     head = ["system", "test", "runs"] + [h for h, *_ in MEAN_COLUMNS] + ["length", "valid NLL"]
     rows = []

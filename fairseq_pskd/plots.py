@@ -105,9 +105,8 @@ def parse_log(path):
         return parse_lines(f)
 
 
-def _series(per_epoch, key, first_epoch=1):
-    epochs = sorted(e for e, m in per_epoch.items()
-                    if e >= first_epoch and key in m and math.isfinite(m[key]))
+def _series(per_epoch, key):
+    epochs = sorted(e for e, m in per_epoch.items() if key in m and math.isfinite(m[key]))
     return epochs, [per_epoch[e][key] for e in epochs]
 
 
