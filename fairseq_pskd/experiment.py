@@ -511,19 +511,24 @@ MEAN_COLUMNS = [("BLEU", "bleu", 1, "{:.2f}"), ("chrF", "chrf", 1, "{:.2f}"), ("
 
 def format_means(results_list, markdown=False):
     """Per system (a run's name without its "-s<seed>" suffix) and test set: the mean of each
-    score over the system's runs, and how many runs that is."""
+    score over the system's runs, how many runs that is, and the mean BLEU's difference to the
+    first system's (dBLEU) on the same test set at the same kind of length penalty."""
     groups = {}
     for r in results_list:
         for subset, t in r["tests"].items():
             # the runs at a chosen lenpen are not averaged with the same runs at lenpen 1
             key = (_shown_name(r, _SEED_SUFFIX.sub("", r["name"])), subset)
             groups.setdefault(key, []).append((r, t))
-    head = ["system", "test", "runs"] + [h for h, *_ in MEAN_COLUMNS] + ["length", "valid NLL"]
-    rows = []
+    head = ["system", "test", "runs"] + [h for h, *_ in MEAN_COLUMNS] + ["dBLEU", "length", "valid NLL"]
+    rows, first_bleu = [], {}
     for (system, subset), runs in groups.items():
         row = [system, subset, str(len(runs))]
         for _, key, scale, fmt in MEAN_COLUMNS:
             row.append(fmt.format(sum(scale * t[key] for _, t in runs) / len(runs)))
+        bleu = sum(t["bleu"] for _, t in runs) / len(runs)
+        kind = (subset, bool(runs[0][0].get("lenpen_choice")))
+        row.append(f"{bleu - first_bleu[kind]:+.2f}" if kind in first_bleu else "")
+        first_bleu.setdefault(kind, bleu)
         for values in ([r.get("_table", {}).get(subset, {}).get("length") for r, _ in runs],
                        [r.get("_table", {}).get("valid_nll") for r, _ in runs]):
             row.append(f"{sum(map(float, values)) / len(values):.3f}" if all(values) else "-")
@@ -555,6 +560,8 @@ def table(args):
     if args.mean_over_seeds:
         print("\nmean over the seeds of each system (run name without its -s<seed> suffix)")
         print(format_means(results, markdown=args.markdown))
+        print("dBLEU: mean BLEU minus the first system's, on the same test set at the same kind "
+              "of length penalty")
     if args.paired_bs and len(results) > 1:
         print(f"\np: sacreBLEU paired bootstrap (1,000 resamples) of BLEU against {results[0]['name']}")
     if len(results) == 2:

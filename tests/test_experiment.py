@@ -201,8 +201,8 @@ def test_table_means_over_seeds(tmp_path, capsys):
         paths.append(str(d / "results.json"))
     assert experiment.main(["table", *paths, "--mean-over-seeds", "--markdown"]) == 0
     out = capsys.readouterr().out.split("mean over the seeds")[1]
-    assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 | - | - |" in out
-    assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 |" in out
+    assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 |  | - | - |" in out
+    assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 | 2.000 | 100.0 | +2.00 |" in out
 
 
 def test_training_time_sums_the_segments_of_a_resumed_run(tmp_path):
