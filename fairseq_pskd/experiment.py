@@ -208,7 +208,8 @@ def run(args):
                                              env, title=f"{results['name']} ({subset})")
     previous = out / "results.json"
     results["train_seconds"] = round(train_seconds, 1)
-    results["total_seconds"] = round(time.time() - t0, 1)
+    results["total_seconds"] = round(time.time() - t0, 1)  # this invocation's: a rerun that only
+    # re-decodes reports seconds; train_seconds is the whole run's training
     tmp = previous.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, previous)
