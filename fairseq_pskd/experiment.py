@@ -208,8 +208,9 @@ def run(args):
                                              env, title=f"{results['name']} ({subset})")
     previous = out / "results.json"
     results["train_seconds"] = round(train_seconds, 1)
-    results["total_seconds"] = round(time.time() - t0, 1)  # this invocation's: a rerun that only
-    # re-decodes reports seconds; train_seconds is the whole run's training
+    # this invocation's wall time (a rerun that only re-decodes reports seconds); train_seconds
+    # is the whole run's training
+    results["total_seconds"] = round(time.time() - t0, 1)
     tmp = previous.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, previous)
@@ -524,12 +525,11 @@ def format_means(results_list, markdown=False):
     rows, first_bleu = [], {}
     for (system, subset), runs in groups.items():
         row = [system, subset, str(len(runs))]
-        for _, key, scale, fmt in MEAN_COLUMNS:
-            row.append(fmt.format(sum(scale * t[key] for _, t in runs) / len(runs)))
-        bleu = sum(t["bleu"] for _, t in runs) / len(runs)
+        mean = {key: sum(t[key] for _, t in runs) / len(runs) for _, key, *_ in MEAN_COLUMNS}
+        row += [fmt.format(scale * mean[key]) for _, key, scale, fmt in MEAN_COLUMNS]
         kind = (subset, bool(runs[0][0].get("lenpen_choice")))
-        row.append(f"{bleu - first_bleu[kind]:+.2f}" if kind in first_bleu else "")
-        first_bleu.setdefault(kind, bleu)
+        row.append(f"{mean['bleu'] - first_bleu[kind]:+.2f}" if kind in first_bleu else "")
+        first_bleu.setdefault(kind, mean["bleu"])
         for values in ([r.get("_table", {}).get(subset, {}).get("length") for r, _ in runs],
                        [r.get("_table", {}).get("valid_nll") for r, _ in runs]):
             row.append(f"{sum(map(float, values)) / len(values):.3f}" if all(values) else "-")
