@@ -6,6 +6,7 @@
     python -m fairseq_pskd.experiment lenpen RUN_DIR [--grid 0.6,0.8,...,2.0,2.5,3.0]
     python -m fairseq_pskd.experiment table RUN_DIR/results.json ... [--markdown] [--paired-bs]
                                                                       [--mean-over-seeds]
+    python -m fairseq_pskd.experiment updates-per-epoch --prepared DATA -- FAIRSEQ-TRAIN-ARGS...
 
 ``DATA`` is what scripts/prepare-*.sh wrote (data-bin/, ref/, prepare.json). Every recipe
 (the CPU quickstart, examples/*) goes through ``run``, so baseline and PS-KD are trained,
@@ -576,6 +577,21 @@ def table(args):
     return 0
 
 
+def updates_per_epoch(args):
+    """Print how many updates an epoch of ``run --prepared DATA -- ARGS`` makes (schedule.py)."""
+    from .schedule import updates_per_epoch as count
+
+    prepared = Path(args.prepared).resolve()
+    manifest = _read_manifest(prepared)
+    train_args = list(args.train_args)
+    if train_args[:1] == ["--"]:
+        train_args = train_args[1:]
+    argv = [prepared / manifest.get("data_bin", "data-bin"), "--user-dir", USER_DIR,
+            "--source-lang", manifest["src"], "--target-lang", manifest["tgt"], *train_args]
+    print(count(argv))
+    return 0
+
+
 def _floats(text):
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -633,9 +649,16 @@ def main(argv=None):
     t.add_argument("--mean-over-seeds", action="store_true",
                    help="also the mean scores per system over its seeds (runs named NAME-s1, "
                         "NAME-s2, ...)")
+    u = sub.add_parser("updates-per-epoch",
+                       help="print the optimizer updates per epoch of fairseq-train ARGS on DATA "
+                            "(to derive a learning-rate schedule from the data's size)")
+    u.add_argument("--prepared", required=True, help="directory written by scripts/prepare-*.sh")
+    u.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="-- then the fairseq-train arguments, as for `run`")
     args = parser.parse_args(argv)
     try:
-        return {"run": run, "score": score, "lenpen": lenpen, "table": table}[args.command](args)
+        return {"run": run, "score": score, "lenpen": lenpen, "table": table,
+                "updates-per-epoch": updates_per_epoch}[args.command](args)
     except ExperimentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

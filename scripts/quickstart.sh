@@ -8,10 +8,13 @@
 #                                         # and 2 of baseline, PS-KD a_T 0.1 and a_T 0.8 (hours);
 #                                         # each scored at lenpen 1 and at one chosen on valid
 #
-# Options: --work DIR (default ./work/quickstart[-quick|-long], -sN added for --seed N > 1),
-# --raw DIR (a local copy of Multi30k's data/task1/raw files; default: download them from the
-# official repository), --seed N (of the main job or of --variant; default 1; --long runs seeds
-# 1 and 2, and takes --seed only with --variant, to compare with that seed's runs).
+# Options: --work DIR (default ./work/quickstart[-quick|-long], -nN added for --train-size N,
+# -sN for --seed N > 1), --raw DIR (a local copy of Multi30k's data/task1/raw files; default:
+# download them from the official repository), --seed N (of the main job or of --variant;
+# default 1; --long runs seeds 1 and 2, and takes --seed only with --variant, to compare with
+# that seed's runs), --train-size N (train on a seeded random subset of N of the 29,000 training
+# pairs, subwords learned on it; the learning-rate schedule follows the updates per epoch),
+# --alphas A,B (--long: the a_T of its two PS-KD systems; default 0.1,0.8).
 # Rerunning skips what is finished (prepare steps, trained epochs, decoded sets).
 #
 #   bash scripts/quickstart.sh --variant NAME -- ARGS...
@@ -25,10 +28,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-QUICK=0; LONG=0; SEED=1; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=()
+QUICK=0; LONG=0; SEED=1; WORK=""; RAW=""; VARIANT=""; VARIANT_ARGS=(); TRAIN_SIZE=""; ALPHAS="0.1,0.8"
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --seed|--work|--raw|--variant) [[ $# -ge 2 ]] || { echo "quickstart.sh: $1 needs a value" >&2; exit 2; } ;;
+    --seed|--work|--raw|--variant|--train-size|--alphas)
+      [[ $# -ge 2 ]] || { echo "quickstart.sh: $1 needs a value" >&2; exit 2; } ;;
   esac
   case "$1" in
     --quick) QUICK=1; shift ;;
@@ -37,13 +41,23 @@ while [[ $# -gt 0 ]]; do
     --work) WORK="$2"; shift 2 ;;
     --raw) RAW="$2"; shift 2 ;;
     --variant) VARIANT="$2"; shift 2 ;;
+    --train-size) TRAIN_SIZE="$2"; shift 2 ;;
+    --alphas) ALPHAS="$2"; shift 2 ;;
     --) shift; VARIANT_ARGS=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "quickstart.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 (( QUICK + LONG < 2 )) || { echo "quickstart.sh: --quick and --long exclude each other" >&2; exit 2; }
 [[ "$SEED" =~ ^[0-9]+$ ]] || { echo "quickstart.sh: --seed needs a whole number, not '$SEED'" >&2; exit 2; }
+[[ -z "$TRAIN_SIZE" || "$TRAIN_SIZE" =~ ^[1-9][0-9]*$ ]] || {
+  echo "quickstart.sh: --train-size needs a number of training pairs, not '$TRAIN_SIZE'" >&2; exit 2; }
+[[ "$ALPHAS" =~ ^(0?\.[0-9]+|1(\.0*)?),(0?\.[0-9]+|1(\.0*)?)$ ]] || {
+  echo "quickstart.sh: --alphas needs two a_T values in (0, 1] separated by a comma, e.g. 0.4,0.8; not '$ALPHAS'" >&2; exit 2; }
+IFS=, read -r ALPHA_WEAK ALPHA_STRONG <<< "$ALPHAS"
+if [[ $LONG == 0 && "$ALPHAS" != "0.1,0.8" ]]; then
+  echo "quickstart.sh: --alphas goes with --long" >&2; exit 2
+fi
 if [[ $LONG == 1 && $SEED != 1 && -z "$VARIANT" ]]; then
   echo "quickstart.sh: --long trains seeds 1 and 2 itself; --seed goes with --variant" >&2; exit 2
 fi
@@ -59,6 +73,7 @@ if [[ -z "$WORK" ]]; then
   if [[ $QUICK == 1 ]]; then WORK="work/quickstart-quick"
   elif [[ $LONG == 1 ]]; then WORK="work/quickstart-long"
   else WORK="work/quickstart"; fi
+  if [[ -n "$TRAIN_SIZE" ]]; then WORK="$WORK-n$TRAIN_SIZE"; fi
   if [[ $LONG == 0 && $SEED != 1 ]]; then WORK="$WORK-s$SEED"; fi
 fi
 START=$(date +%s)
@@ -67,7 +82,8 @@ bash scripts/install.sh
 source "$ROOT/scripts/_python.sh"
 
 DATA="$WORK/data/multi30k-de-en"
-bash scripts/prepare-multi30k.sh --out "$DATA" --src de --tgt en ${RAW:+--raw "$RAW"}
+bash scripts/prepare-multi30k.sh --out "$DATA" --src de --tgt en ${RAW:+--raw "$RAW"} \
+  ${TRAIN_SIZE:+--train-size "$TRAIN_SIZE"}
 
 # Both models see exactly the same model, data, seed, optimiser and epochs; only the criterion
 # differs. The model is small so that 2 runs x the epochs fit the hour on 2 CPU cores; see
@@ -89,15 +105,24 @@ else
          --encoder-embed-dim 128 --decoder-embed-dim 128 --encoder-ffn-embed-dim 512
          --decoder-ffn-embed-dim 512 --encoder-attention-heads 4 --decoder-attention-heads 4)
 fi
-SCHEDULE=(--lr-scheduler inverse_sqrt --warmup-updates 400)
+# The schedule follows the data: on all of Multi30k (130 updates per epoch: 29,000 pairs in
+# --max-tokens 4096 batches) 400 warm-up updates, the --long decay over 40 * 130; on a
+# --train-size subset the same fractions of its measured updates per epoch (fairseq's own
+# batching, fairseq_pskd/schedule.py), so a small corpus is not still warming up when it ends.
+BATCH=(--max-tokens 4096)
+UPDATES_PER_EPOCH=$("$PY" -m fairseq_pskd.experiment updates-per-epoch --prepared "$DATA" \
+                    -- "${MODEL[@]}" "${BATCH[@]}" --cpu 2> "$WORK/updates-per-epoch.log") || {
+  echo "[quickstart] counting the updates per epoch failed:" >&2; tail -20 "$WORK/updates-per-epoch.log" >&2; exit 1; }
+rm -f "$WORK/updates-per-epoch.log"
+WARMUP=$(( (400 * UPDATES_PER_EPOCH + 65) / 130 ))
+SCHEDULE=(--lr-scheduler inverse_sqrt --warmup-updates "$WARMUP")
 if [[ $LONG == 1 ]]; then
-  # 130 updates per epoch: Multi30k's 29,000 training pairs in --max-tokens 4096 batches
-  SCHEDULE=(--lr-scheduler polynomial_decay --warmup-updates 400 --end-learning-rate 0
-            --total-num-update $(( EPOCHS * 130 )))
+  SCHEDULE=(--lr-scheduler polynomial_decay --warmup-updates "$WARMUP" --end-learning-rate 0
+            --total-num-update $(( EPOCHS * UPDATES_PER_EPOCH )))
 fi
 TRAIN=("${MODEL[@]}" --dropout 0.3 --optimizer adam --adam-betas "(0.9,0.98)" --clip-norm 0.0
        --lr 2e-3 "${SCHEDULE[@]}" --weight-decay 0.0001
-       --max-tokens 4096 --max-epoch "$EPOCHS" --seed @SEED@ --cpu --num-workers 0 --keep-last-epochs 5
+       "${BATCH[@]}" --max-epoch "$EPOCHS" --seed @SEED@ --cpu --num-workers 0 --keep-last-epochs 5
        --label-smoothing 0.1)
 BASELINE=(--criterion label_smoothed_cross_entropy)
 # a_T 0.1, not the paper's 0.8: at this 12-epoch budget the model is still under-trained and a
@@ -126,7 +151,7 @@ if [[ -n "$VARIANT" ]]; then
     echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
   TABLE=(); TUNED=()
   if [[ $LONG == 1 ]]; then
-    MAIN=(baseline-s$SEED pskd-a0.1-s$SEED pskd-a0.8-s$SEED)
+    MAIN=(baseline-s$SEED pskd-a$ALPHA_WEAK-s$SEED pskd-a$ALPHA_STRONG-s$SEED)
     lenpen "$VARIANT" || exit 1
   else
     MAIN=(baseline pskd)
@@ -144,13 +169,16 @@ fi
 if [[ $LONG == 1 ]]; then
   # Six runs, two at a time (one lane per half of the cores); each lane skips finished runs, so
   # rerunning the command resumes where it stopped.
-  PSKD_STRONG=(--criterion pskd --pskd-alpha 0.8 --pskd-topk 8 --pskd-remainder current)
+  # --alphas: the a_T of the two PS-KD systems (default 0.1, the 12-epoch choice, and the paper's 0.8)
+  PSKD_WEAK=(--criterion pskd --pskd-alpha "$ALPHA_WEAK" --pskd-topk 8 --pskd-remainder current)
+  PSKD_STRONG=(--criterion pskd --pskd-alpha "$ALPHA_STRONG" --pskd-topk 8 --pskd-remainder current)
+  W="pskd-a$ALPHA_WEAK" S="pskd-a$ALPHA_STRONG"
   lane() {  # name:seed:kind ...
     local spec name seed kind args
     for spec in "$@"; do
       IFS=: read -r name seed kind <<< "$spec"
       case "$kind" in
-        baseline) args=("${BASELINE[@]}") ;; weak) args=("${PSKD[@]}") ;; strong) args=("${PSKD_STRONG[@]}") ;;
+        baseline) args=("${BASELINE[@]}") ;; weak) args=("${PSKD_WEAK[@]}") ;; strong) args=("${PSKD_STRONG[@]}") ;;
       esac
       echo "[quickstart] $(date +%H:%M) training $name ($EPOCHS epochs); log: $WORK/$name.log"
       run "$name" "$seed" "${args[@]}" || {
@@ -158,11 +186,11 @@ if [[ $LONG == 1 ]]; then
       lenpen "$name" || return 1
     done
   }
-  lane baseline-s1:1:baseline pskd-a0.8-s1:1:strong pskd-a0.1-s2:2:weak & PID_A=$!
-  lane pskd-a0.1-s1:1:weak baseline-s2:2:baseline pskd-a0.8-s2:2:strong & PID_B=$!
+  lane baseline-s1:1:baseline "$S-s1:1:strong" "$W-s2:2:weak" & PID_A=$!
+  lane "$W-s1:1:weak" baseline-s2:2:baseline "$S-s2:2:strong" & PID_B=$!
   FAIL=0; wait $PID_A || FAIL=1; wait $PID_B || FAIL=1
   (( FAIL == 0 )) || exit 1
-  NAMES=(baseline-s1 pskd-a0.1-s1 pskd-a0.8-s1 baseline-s2 pskd-a0.1-s2 pskd-a0.8-s2)
+  NAMES=(baseline-s1 "$W-s1" "$S-s1" baseline-s2 "$W-s2" "$S-s2")
   LOGS=(); RESULTS=(); TUNED=()
   for n in "${NAMES[@]}"; do
     LOGS+=("$WORK/$n/train.log"); RESULTS+=("$WORK/$n/results.json"); TUNED+=("$WORK/$n/lenpen/results.json")
@@ -172,12 +200,12 @@ if [[ $LONG == 1 ]]; then
   "$PY" -m fairseq_pskd.plots "${LOGS[@]}" --labels "${NAMES[@]}" --first-epoch $(( EPOCHS / 2 )) \
     --out "$WORK/curves-end.png" >/dev/null
   echo
-  echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline;"
+  echo "Multi30k De->En test2016, ${TRAIN_SIZE:-all 29,000} training pairs (detokenised sacreBLEU, beam $BEAM, last-$AVERAGE average; p against the same seed's baseline;"
   echo "each run at lenpen 1, then at the length penalty its validation BLEU chose)"
   {
     for s in 1 2; do
       for dir in "" /lenpen; do
-        "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,pskd-a0.1,pskd-a0.8}-s$s$dir/results.json --paired-bs
+        "$PY" -m fairseq_pskd.experiment table "$WORK"/{baseline,"$W","$S"}-s$s$dir/results.json --paired-bs
         echo
       done
     done

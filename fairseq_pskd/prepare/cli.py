@@ -67,6 +67,11 @@ def _common(p: argparse.ArgumentParser, corpus: str) -> None:
                    help=f"drop pairs with a side longer than this, 0 = no limit (default {max_len})")  # fmt: skip
     g.add_argument("--max-ratio", type=float, default=ratio,
                    help=f"drop pairs whose token-count ratio exceeds this, 0 = off (default {ratio:g})")  # fmt: skip
+    g.add_argument("--train-size", type=_positive, metavar="N",
+                   help="keep only a random subset of N cleaned training pairs (a smaller corpus, "
+                        "as for a learning curve; subwords are learned on it); default: all")  # fmt: skip
+    g.add_argument("--train-size-seed", type=int, default=1, metavar="S",
+                   help="seed of the --train-size subset (default 1)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="redo every step")
     p.add_argument("--stop-after", choices=["extract", "tokenize", "clean", "spm", "encode", "binarize"],
                    help="stop after this step (to inspect OUT/tmp); a rerun without it continues")  # fmt: skip
@@ -132,7 +137,8 @@ def _options(args):
         out=args.out, src=args.src, tgt=args.tgt, vocab_size=args.vocab_size,
         spm_model_type=args.spm_model_type, workers=args.workers,
         normalize_punct=args.normalize_punct, min_len=args.min_len, max_len=args.max_len,
-        max_ratio=args.max_ratio, force=args.force, stop_after=args.stop_after,
+        max_ratio=args.max_ratio, train_size=args.train_size,
+        train_size_seed=args.train_size_seed, force=args.force, stop_after=args.stop_after,
     )  # fmt: skip
 
 

@@ -57,6 +57,10 @@ class Options:
     min_len: int = 1
     max_len: int = 0
     max_ratio: float = 0.0
+    # a seeded random subset of this many cleaned training pairs (None: all of them), as a user
+    # with only that much data would have: subwords are learned on the subset too
+    train_size: int | None = None
+    train_size_seed: int = 1
     force: bool = False
     stop_after: str | None = None  # a step name: stop there (inspect intermediate files)
 
@@ -198,7 +202,8 @@ def run(source: Source, opt: Options) -> dict:
     k_extract = _hash("extract", source.corpus, source.fingerprint(), langs,
                       [(s.name, s.label) for s in splits])  # fmt: skip
     k_tok = _hash("tokenize", k_extract, opt.normalize_punct, versions["sacremoses"])
-    k_clean = _hash("clean", k_tok, opt.min_len, opt.max_len, opt.max_ratio)
+    subset = [opt.train_size, opt.train_size_seed] if opt.train_size else None
+    k_clean = _hash("clean", k_tok, opt.min_len, opt.max_len, opt.max_ratio, *([subset] if subset else []))
     k_spm = _hash("spm", k_clean, opt.vocab_size, opt.spm_model_type, versions["sentencepiece"])
     k_encode = _hash("encode", k_spm)
     k_bin = _hash("binarize", k_encode, versions["fairseq"])
@@ -276,13 +281,19 @@ def run(source: Source, opt: Options) -> dict:
         s_lines = text.read_lines(tok_dir / f"train.{src}")
         t_lines = text.read_lines(tok_dir / f"train.{tgt}")
         keep = text.length_filter(s_lines, t_lines, opt.min_len, opt.max_len, opt.max_ratio)
-        for lang, lines in ((src, s_lines), (tgt, t_lines)):
-            text.write_lines(clean_dir / f"train.{lang}", (x for x, k in zip(lines, keep) if k))
         kept = sum(keep)
         log(f"  kept {kept}/{len(keep)} training pairs ({len(keep) - kept} dropped)")
         if kept == 0:
             raise PrepareError("cleaning dropped every training pair; check --min-len/--max-len")
-        return {"pairs_before": len(keep), "pairs_after": kept}
+        info = {"pairs_before": len(keep), "pairs_after": kept}
+        if opt.train_size:
+            keep = text.random_subset(keep, opt.train_size, opt.train_size_seed)
+            info["pairs_cleaned"], info["pairs_after"] = kept, opt.train_size
+            log(f"  --train-size {opt.train_size}: a random subset (seed {opt.train_size_seed}) "
+                f"of the {kept} cleaned pairs")
+        for lang, lines in ((src, s_lines), (tgt, t_lines)):
+            text.write_lines(clean_dir / f"train.{lang}", (x for x, k in zip(lines, keep) if k))
+        return info
 
     clean_info = steps.run("clean", k_clean, files(clean_dir, ["train"]), do_clean)
     if stopped("clean"):
@@ -424,6 +435,10 @@ def run(source: Source, opt: Options) -> dict:
             "max_ratio": opt.max_ratio or None,
             "pairs_before": clean_info["pairs_before"],
             "pairs_after": clean_info["pairs_after"],
+            # --train-size: the pairs kept are a seeded random subset of the cleaned ones
+            "train_size": opt.train_size,
+            "train_size_seed": opt.train_size_seed if opt.train_size else None,
+            "pairs_cleaned": clean_info.get("pairs_cleaned", clean_info["pairs_after"]),
         },
         "splits": split_info,
         "test_sets": {s.name: s.label for s in test_splits},

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import multiprocessing
+import random
 import sys
 import time
 import zlib
@@ -36,6 +37,7 @@ __all__ = [
     "write_lines",
     "tokenize_lines",
     "length_filter",
+    "random_subset",
 ]
 
 
@@ -268,3 +270,16 @@ def length_filter(
                 ok = ns / nt <= ratio and nt / ns <= ratio
         keep.append(ok)
     return keep
+
+
+def random_subset(keep: Sequence[bool], size: int, seed: int) -> list[bool]:
+    """`keep` with only `size` of its True entries left, drawn at random with `seed` (the same
+    size and seed draw the same pairs; the pairs keep their corpus order)."""
+    candidates = [i for i, k in enumerate(keep) if k]
+    if size > len(candidates):
+        raise PrepareError(
+            f"--train-size {size} is more than the {len(candidates)} training pairs left after "
+            "cleaning; ask for fewer, or leave --train-size out to use them all"
+        )
+    chosen = set(random.Random(seed).sample(candidates, size))
+    return [i in chosen for i in range(len(keep))]
