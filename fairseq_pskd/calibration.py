@@ -1,5 +1,6 @@
 """Calibration and selective-prediction metrics of token predictions: reliability bins, ECE,
-AURC / E-AURC, and the reliability diagram (docs/EVALUATION.md gives the definitions).
+AURC / E-AURC, and the reliability diagram; of whole translations: how a sentence score ranks
+them by their sentence chrF (docs/EVALUATION.md gives the definitions).
 
 Plain numpy, no fairseq and no torch, so other code can reuse them; matplotlib is imported only
 by ``plot_reliability``. ``python -m fairseq_pskd.evaluate calibration`` computes them for a
@@ -84,10 +85,14 @@ def risk_coverage_curve(confidence, correct):
     Returns ``(coverage, risk)``, both of length n.
     """
     confidence, correct = _check_inputs(confidence, correct)
+    return _risk_coverage(confidence, (~correct).astype(np.float64))
+
+
+def _risk_coverage(confidence, risk):
+    """(coverage, mean risk of the i most confident) for i = 1..n; ties keep their order."""
     order = np.argsort(-confidence, kind="stable")
-    errors = np.cumsum(~correct[order])
     kept = np.arange(1, confidence.size + 1)
-    return kept / confidence.size, errors / kept
+    return kept / confidence.size, np.cumsum(risk[order]) / kept
 
 
 def aurc(confidence, correct):
@@ -112,6 +117,48 @@ def excess_aurc(confidence, correct):
     """E-AURC = AURC - optimal AURC: the part of AURC due to a bad ranking rather than to
     the error rate itself. 0 for a perfect ranking."""
     return aurc(confidence, correct) - optimal_aurc(correct)
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of x and y (ties get their mean rank); nan when either is
+    constant."""
+    x, y = _as_numpy(x, np.float64), _as_numpy(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size < 2:
+        raise ValueError(f"spearman needs two 1-d arrays of one length >= 2, got {x.shape} and {y.shape}")
+    rx, ry = _mean_ranks(x), _mean_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float(np.sum(rx * rx) * np.sum(ry * ry)))
+    return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+
+
+def _mean_ranks(v):
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(v.size, dtype=np.float64)
+    ranks[order] = np.arange(1, v.size + 1)
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def sentence_confidence(score, chrf):
+    """How well a per-sentence model score tells good translations from bad ones, as a user who
+    trusts the high-scoring ones (and sends the rest to a post-editor) meets it.
+
+    ``score``: one confidence per hypothesis (e.g. its length-normalised log-probability);
+    ``chrf``: its sentence-level chrF (0-100). Returns the Spearman correlation of the two
+    (higher is better) and the sentence-level AURC: the mean risk, risk = 1 - chrF / 100, of the
+    i highest-scoring hypotheses, averaged over i = 1..n (lower is better).
+    """
+    score, chrf = _as_numpy(score, np.float64), _as_numpy(chrf, np.float64)
+    if score.shape != chrf.shape or score.ndim != 1 or score.size == 0:
+        raise ValueError(f"one score per chrF needed, got {score.shape} and {chrf.shape}")
+    if not (np.all(np.isfinite(score)) and np.all((chrf >= 0) & (chrf <= 100))):
+        raise ValueError("scores must be finite and chrF within [0, 100]")
+    risk = 1.0 - chrf / 100.0
+    return {
+        "sentence_spearman": spearman(score, chrf) if score.size > 1 else float("nan"),
+        "sentence_aurc": float(np.mean(_risk_coverage(score, risk)[1])),
+    }
 
 
 def calibration_metrics(confidence, correct, nll_sum=None, n_bins=DEFAULT_BINS):

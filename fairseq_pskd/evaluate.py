@@ -20,7 +20,7 @@ from pathlib import Path
 
 # importing the package (this module's parent) put torch >= 2.6's checkpoint allow-list and the
 # criterion's registration in place for when torch and fairseq are imported (__init__.py)
-from .calibration import DEFAULT_BINS, calibration_metrics, plot_reliability
+from .calibration import DEFAULT_BINS, calibration_metrics, plot_reliability, sentence_confidence
 
 
 class EvaluationError(Exception):
@@ -47,6 +47,33 @@ def read_generate_hypotheses(path):
             if m:
                 hyps.setdefault(int(m.group(1)), m.group(3) or "")
     return [hyps[i] for i in sorted(hyps)], sorted(hyps)
+
+
+_POSITIONAL_LINE = re.compile(r"^P-(\d+)\t(.*)$")
+
+
+def read_generate_sentence_scores(path):
+    """Per sentence id (sorted), the mean of the best hypothesis's positional scores (fairseq
+    prints log2-probabilities per token, end of sentence included): a length-normalised model
+    score that, unlike the H- line's, does not depend on --lenpen."""
+    scores = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = _POSITIONAL_LINE.match(line.rstrip("\r\n"))
+            if m and int(m.group(1)) not in scores:
+                values = [float(v) for v in m.group(2).split()]
+                scores[int(m.group(1))] = sum(values) / len(values) if values else float("-inf")
+    return [scores[i] for i in sorted(scores)], sorted(scores)
+
+
+def sentence_level(hyps, refs, scores):
+    """Sentence-level confidence (calibration.sentence_confidence) of detokenised hyps scored
+    by ``scores``, against their sentence chrF."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    sentence_chrf = [chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
+    return sentence_confidence(scores, sentence_chrf)
 
 
 def read_lines(path):
@@ -130,10 +157,25 @@ def cmd_score(args):
         print(f"hypotheses Moses-detokenised as {lang!r}", file=sys.stderr)
     result = bleu_chrf(hyps, refs, tokenize=args.tokenize)
     result.update({"hypotheses": str(source), "reference": str(args.ref), "detok_lang": lang})
+    if args.generate_output:
+        scores, score_ids = read_generate_sentence_scores(args.generate_output)
+        if not score_ids:
+            print(f"no P- lines (positional scores) in {args.generate_output}: no sentence-level "
+                  "confidence", file=sys.stderr)
+        elif score_ids != ids:
+            raise EvaluationError(f"{args.generate_output} has P- lines (positional scores) for "
+                                  f"{len(score_ids)} of its {len(ids)} hypotheses")
+        else:
+            result.update(sentence_level(hyps, refs, scores))
+            result["sentence_score"] = "mean log2-probability per token of the hypothesis (P- lines)"
 
     # the same lines sacrebleu's own CLI prints: score and signature together
     print(result.pop("bleu_line"))
     print(result.pop("chrf_line"))
+    if "sentence_spearman" in result:
+        print(f"sentence level: Spearman {result['sentence_spearman']:.3f} of the length-normalised "
+              f"model score and sentence chrF, AURC {1000 * result['sentence_aurc']:.1f} x1000 "
+              "(risk 1 - chrF/100)")
     if args.detok_output:
         Path(args.detok_output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     if args.json:

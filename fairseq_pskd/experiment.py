@@ -253,11 +253,17 @@ def _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env):
         stamp.write_text(json.dumps(made_with) + "\n")
     # 2. detokenised sacrebleu BLEU / chrF against the raw reference
     score = out / f"score.{subset}.json"
-    if not _fresh(score, gen):
+    # a score made before the sentence-level confidence existed is made again (seconds)
+    if not _fresh(score, gen) or SENTENCE_KEYS[0] not in json.loads(score.read_text()):
         _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
               "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
              out / "eval.log", env)
     return json.loads(score.read_text())
+
+
+# per test set: how well the length-normalised model score ranks the translations by their
+# sentence chrF (calibration.sentence_confidence)
+SENTENCE_KEYS = ("sentence_spearman", "sentence_aurc")
 
 
 def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
@@ -276,7 +282,7 @@ def _evaluate(data_bin, src, tgt, ckpt, subset, ref, out, args, env, title):
         "bleu": s["bleu"], "chrf": s["chrf"], "bleu_signature": s["bleu_signature"],
         "chrf_signature": s["chrf_signature"], "ece": c["ece"], "nll": c["nll"],
         "aurc": c["aurc"], "eaurc": c.get("eaurc"), "accuracy": c.get("accuracy"),
-        "bins": args.bins, "sentences": s["n"],
+        "bins": args.bins, "sentences": s["n"], **{k: s.get(k) for k in SENTENCE_KEYS},
     }
 
 
@@ -343,7 +349,8 @@ def lenpen(args):
             (out / name).write_bytes((at / name).read_bytes())
         tuned["tests"][subset] = {**old, "bleu": s["bleu"], "chrf": s["chrf"],
                                   "bleu_signature": s["bleu_signature"],
-                                  "chrf_signature": s["chrf_signature"], "sentences": s["n"]}
+                                  "chrf_signature": s["chrf_signature"], "sentences": s["n"],
+                                  **{k: s.get(k) for k in SENTENCE_KEYS}}
         calib = run_dir / f"calibration.{subset}.json"
         if calib.exists():
             (out / calib.name).write_bytes(calib.read_bytes())
@@ -428,7 +435,7 @@ COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subs
            ("epochs", "{max_epoch}"), ("lenpen", "{lenpen_shown}"),
            ("BLEU", "{bleu:.2f}"), ("p", "{p}"), ("chrF", "{chrf:.2f}"),
            ("ECE %", "{ece_pct:.2f}"), ("NLL", "{nll:.3f}"), ("AURC x1000", "{aurc_k:.1f}"),
-           ("length", "{length}"), ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
+           ("sent rho", "{sent_rho}"), ("sent AURC x1000", "{sent_aurc}"), ("length", "{length}"), ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
 
 
 def _rows(results_list):
@@ -439,7 +446,14 @@ def _rows(results_list):
             yield {**r, **t, "subset": subset, "ece_pct": 100 * t["ece"], "aurc_k": 1000 * t["aurc"],
                    "train_min": r.get("train_seconds", 0) / 60, "p": e.get("p", ""),
                    "length": e.get("length", "-"), "valid_nll": extra.get("valid_nll", "-"),
-                   "lenpen_shown": _lenpen_shown(r)}
+                   "lenpen_shown": _lenpen_shown(r), **_sentence_shown(t)}
+
+
+def _sentence_shown(t):
+    """The sentence-level columns of one test set ("-" for runs scored before they existed)."""
+    rho, aurc = (t.get(k) for k in SENTENCE_KEYS)
+    return {"sent_rho": "-" if rho is None else f"{rho:.3f}",
+            "sent_aurc": "-" if aurc is None else f"{1000 * aurc:.1f}"}
 
 
 def _shown_name(results, name=None):
@@ -509,7 +523,9 @@ def format_table(results_list, markdown=False):
 
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 MEAN_COLUMNS = [("BLEU", "bleu", 1, "{:.2f}"), ("chrF", "chrf", 1, "{:.2f}"), ("ECE %", "ece", 100, "{:.2f}"),
-                ("NLL", "nll", 1, "{:.3f}"), ("AURC x1000", "aurc", 1000, "{:.1f}")]
+                ("NLL", "nll", 1, "{:.3f}"), ("AURC x1000", "aurc", 1000, "{:.1f}"),
+                ("sent rho", "sentence_spearman", 1, "{:.3f}"),
+                ("sent AURC x1000", "sentence_aurc", 1000, "{:.1f}")]
 
 
 def format_means(results_list, markdown=False):
@@ -526,8 +542,11 @@ def format_means(results_list, markdown=False):
     rows, first_bleu = [], {}
     for (system, subset), runs in groups.items():
         row = [system, subset, str(len(runs))]
-        mean = {key: sum(t[key] for _, t in runs) / len(runs) for _, key, *_ in MEAN_COLUMNS}
-        row += [fmt.format(scale * mean[key]) for _, key, scale, fmt in MEAN_COLUMNS]
+        # None: a run scored before the measure existed (the sentence-level ones)
+        mean = {key: None if any(t.get(key) is None for _, t in runs)
+                else sum(t[key] for _, t in runs) / len(runs) for _, key, *_ in MEAN_COLUMNS}
+        row += ["-" if mean[key] is None else fmt.format(scale * mean[key])
+                for _, key, scale, fmt in MEAN_COLUMNS]
         kind = (subset, bool(runs[0][0].get("lenpen_choice")))
         row.append(f"{mean['bleu'] - first_bleu[kind]:+.2f}" if kind in first_bleu else "")
         first_bleu.setdefault(kind, mean["bleu"])

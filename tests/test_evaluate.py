@@ -134,8 +134,11 @@ P-2\t-0.1 -0.2 -0.3 -0.4 -0.5 -0.6 -0.7 -0.8
 S-0\tw3
 H-0\t-0.20\tHello , I don 't know !
 D-0\t-0.20\tHello , I don 't know !
+P-0\t-0.2 -0.2 -0.2 -0.2 -0.2 -0.2 -0.2 -0.2
 H-3\t-0.90\t" Where are you going ? " she asked .
+P-3\t-1.5 -0.3 -0.9 -0.9 -0.9 -0.9 -0.9 -0.9 -0.9 -0.9 -0.9
 H-1\t-0.33\tThis is ( probably ) a test : yes .
+P-1\t-0.33 -0.33 -0.33 -0.33 -0.33 -0.33 -0.33 -0.33 -0.33 -0.33
 Generate test with beam=5: BLEU4 = 12.34
 """
 REFS = ["Hello, I don't know!", "This is (probably) the test: yes.", "The cat sat on the mat.",
@@ -181,7 +184,14 @@ def test_score_sorts_detokenises_and_matches_sacrebleu(gen_files, tmp_path, caps
     assert res["bleu_signature"] == str(b_metric.get_signature())
     assert res["chrf_signature"] == str(c_metric.get_signature())
     assert res["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|")
+    # sentence level: the mean positional score of each hypothesis against its sentence chrF
+    mean_p = [-0.2, -0.33, (-0.1 - 0.2 - 0.3 - 0.4 - 0.5 - 0.6 - 0.7 - 0.8) / 8, (-1.5 - 0.3 - 9 * 0.9) / 11]
+    from sacrebleu import sentence_chrf
+    sent_chrf = [sentence_chrf(h, [r]).score for h, r in zip(detok, REFS)]
+    assert res["sentence_spearman"] == pytest.approx(cal.spearman(mean_p, sent_chrf))
+    assert res["sentence_aurc"] == pytest.approx(cal.sentence_confidence(mean_p, sent_chrf)["sentence_aurc"])
     printed = capsys.readouterr().out
+    assert f"sentence level: Spearman {res['sentence_spearman']:.3f}" in printed
     assert f"BLEU|{res['bleu_signature']} = {bleu.score:.2f}" in printed
     assert f"chrF2|{res['chrf_signature']} = {chrf.score:.2f}" in printed
 
@@ -197,6 +207,42 @@ def test_score_sorts_detokenises_and_matches_sacrebleu(gen_files, tmp_path, caps
     (tmp_path / "plain.txt").write_text("\n".join(detok) + "\n")
     assert ev.main(["score", "--hyp", tmp_path / "plain.txt", "--ref", ref, "--json", out_json]) == 0
     assert json.loads(out_json.read_text())["bleu"] == pytest.approx(bleu.score, abs=1e-9)
+
+
+def test_sentence_confidence_by_hand():
+    # the best-scored translation is the best one: rho 1; risks 0, 1/2, 1 -> mean risks 0, 1/4, 1/2
+    assert cal.sentence_confidence([3, 2, 1], [100, 50, 0]) == pytest.approx(
+        {"sentence_spearman": 1.0, "sentence_aurc": 0.25})
+    # ranked the wrong way round: rho -1; mean risks 1, 3/4, 1/2
+    assert cal.sentence_confidence([1, 2, 3], [100, 50, 0]) == pytest.approx(
+        {"sentence_spearman": -1.0, "sentence_aurc": 0.75})
+    # ties take their mean rank: ranks (1.5, 1.5, 3) against (1, 2, 3)
+    assert cal.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(1.5 / math.sqrt(3))
+    # a monotone transform of the score changes nothing
+    rng = np.random.default_rng(0)
+    score, chrf = rng.normal(size=200), rng.uniform(0, 100, 200)
+    assert cal.sentence_confidence(np.exp(score), chrf) == pytest.approx(cal.sentence_confidence(score, chrf))
+    assert math.isnan(cal.spearman([1, 1, 1], [1, 2, 3]))
+    stats = pytest.importorskip("scipy.stats")
+    tied = np.round(score, 1)
+    assert cal.spearman(tied, chrf) == pytest.approx(stats.spearmanr(tied, chrf).statistic, abs=1e-12)
+    for bad in (([1, 2], [50]), ([float("nan"), 1], [50, 50]), ([1, 2], [50, 101]), ([], [])):
+        with pytest.raises(ValueError):
+            cal.sentence_confidence(*bad)
+
+
+def test_score_needs_positional_scores_of_every_hypothesis(gen_files, tmp_path, capsys):
+    gen, ref = gen_files
+    lines = gen.read_text().splitlines(keepends=True)
+    gen.write_text("".join(x for x in lines if not x.startswith("P-0")))
+    assert ev.main(["score", "--generate-output", gen, "--ref", ref]) == 2
+    assert "P- lines (positional scores) for 3 of its 4 hypotheses" in capsys.readouterr().err
+    # output without any P- lines (not fairseq-generate's) is scored without the sentence level
+    gen.write_text("".join(x for x in lines if not x.startswith("P-")))
+    out_json = tmp_path / "s.json"
+    assert ev.main(["score", "--generate-output", gen, "--ref", ref, "--json", out_json]) == 0
+    assert "no sentence-level confidence" in capsys.readouterr().err
+    assert "sentence_spearman" not in json.loads(out_json.read_text())
 
 
 def test_read_generate_hypotheses_nbest_and_empty(tmp_path):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, binarize, make_toy_corpus, needs_multi30k
+from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, binarize, epoch_stats, make_toy_corpus, needs_multi30k
 from fairseq_pskd import experiment
 
 
@@ -78,6 +78,11 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     calib = json.loads((out / "calibration.test.json").read_text())
     n_target_tokens = sum(len(line.split()) + 1 for line in (raw / "test.tgt").read_text().splitlines())
     assert calib["num_sentences"] == 29 and calib["num_tokens"] == n_target_tokens  # + EOS each
+    # the sentence-level confidence of the 29 translations, as `evaluate score` measures it
+    scored = json.loads((out / "score.test.json").read_text())
+    assert -1 <= result["sentence_spearman"] <= 1 and 0 <= result["sentence_aurc"] <= 1
+    assert (result["sentence_spearman"], result["sentence_aurc"]) == \
+        (scored["sentence_spearman"], scored["sentence_aurc"])
 
     # `lenpen` on the same run: each grid value decodes the validation split, the best one the test
     code = experiment.main(["lenpen", str(out), "--grid", "2,0.5", "--cpu"])
@@ -103,6 +108,8 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     assert chosen[col["BLEU"]] == f"{tuned['tests']['test']['bleu']:.2f}"
     valid_nll = fixed[col["valid NLL"]]
     assert valid_nll != "-" and chosen[col["valid NLL"]] == valid_nll  # the run's training log
+    assert fixed[col["sent rho"]] == f"{result['sentence_spearman']:.3f}"
+    assert chosen[col["sent AURC x1000"]] == f"{1000 * tuned['tests']['test']['sentence_aurc']:.1f}"
 
     # a rerun that chooses another lenpen decodes the test set with it, never reusing a decode
     assert experiment.main(["lenpen", str(out), "--grid", "3", "--cpu"]) == 0
@@ -192,17 +199,36 @@ def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
 def test_table_means_over_seeds(tmp_path, capsys):
     """--mean-over-seeds: one row per system (name without -s<seed>) with the mean of its runs."""
     paths = []
+    # the sentence-level measures of the baseline's runs; the PS-KD run was scored before they existed
+    sentence = {"base-s1": {"sentence_spearman": 0.2, "sentence_aurc": 0.3},
+                "base-s2": {"sentence_spearman": 0.4, "sentence_aurc": 0.5}}
     for name, bleu, ece in (("base-s1", 30.0, 0.06), ("base-s2", 32.0, 0.04), ("pskd-a0.1-s1", 33.0, 0.03)):
         d = tmp_path / name
         d.mkdir()
         (d / "results.json").write_text(json.dumps({
             "name": name, "corpus": "toy", "src": "de", "tgt": "en", "max_epoch": 2,
-            "tests": {"test": {"bleu": bleu, "chrf": 50.0, "ece": ece, "nll": 2.0, "aurc": 0.1}}}))
+            "tests": {"test": {"bleu": bleu, "chrf": 50.0, "ece": ece, "nll": 2.0, "aurc": 0.1,
+                               **sentence.get(name, {})}}}))
         paths.append(str(d / "results.json"))
     assert experiment.main(["table", *paths, "--mean-over-seeds", "--markdown"]) == 0
     out = capsys.readouterr().out.split("mean over the seeds")[1]
-    assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 |  | - | - |" in out
-    assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 | 2.000 | 100.0 | +2.00 |" in out
+    assert "| base | test | 2 | 31.00 | 50.00 | 5.00 | 2.000 | 100.0 | 0.300 | 400.0 |  | - | - |" in out
+    assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 | 2.000 | 100.0 | - | - | +2.00 |" in out
+
+
+def test_updates_per_epoch_is_what_fairseq_train_does(prepared, baseline_run, capsys):
+    """The count a schedule is derived from (quickstart --train-size) is the number of updates
+    fairseq-train made in an epoch with the same arguments; --update-freq divides it."""
+    _, log = baseline_run
+    trained = epoch_stats(log.read_text())
+    args = ["updates-per-epoch", "--prepared", str(prepared), "--", *TINY_ARCH, *TINY_TRAIN,
+            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"]
+    assert experiment.main(args) == 0
+    count = int(capsys.readouterr().out.strip().splitlines()[-1])
+    assert count == trained[1]["num_updates"] == trained[2]["num_updates"] - trained[1]["num_updates"]
+    assert count > 3
+    assert experiment.main(args + ["--update-freq", "3"]) == 0
+    assert int(capsys.readouterr().out.strip().splitlines()[-1]) == -(-count // 3)
 
 
 def test_training_time_sums_the_segments_of_a_resumed_run(tmp_path):
