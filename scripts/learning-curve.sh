@@ -5,8 +5,9 @@
 #   bash scripts/learning-curve.sh [--raw DIR] [--sizes 3625,7250,14500] [--work DIR]
 #
 # For each size N (training pairs; default 1/8, 1/4 and 1/2 of the 29,000): the label-smoothing
-# baseline and PS-KD a_T 0.4 and 0.8, seeds 1 and 2, trained as `quickstart.sh --long` trains
-# them (40 epochs, the schedule scaled to the measured updates per epoch, last-5 average), each
+# baseline and PS-KD a_T 0.4 and 0.8, seeds 1 and 2, trained as `quickstart.sh --long
+# --train-size N` trains them (round(40 * sqrt(29,000 / N)) epochs, the schedule scaled to the
+# measured updates per epoch, last-5 average), each
 # scored at lenpen 1 and at the one chosen on validation, in WORK/nN (default
 # work/learning-curve). Two runs at a time, one per half of the cores; the smallest size first.
 # Rerunning resumes: finished runs are skipped, a killed one resumes from its checkpoint.
@@ -24,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --raw) RAW="$2"; shift 2 ;;
     --sizes) SIZES="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "learning-curve.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -280,6 +280,46 @@ def test_whole_release_de_en_and_option_change(release, tmp_path, capsys):
     assert json.loads((out / "prepare.json").read_text())["vocab_size"] == 120
 
 
+def test_train_size_subset(release, tmp_path, capsys):
+    """--train-size N: a seeded random subset of N cleaned training pairs, in corpus order, that
+    sentencepiece and fairseq-preprocess see (dev and test untouched), recorded in the manifest;
+    another seed draws another subset, and more pairs than there are is refused."""
+    out = tmp_path / "out"
+    n_clean = len(expected_train()["en"]) - 1  # RATIO_PAIR is cleaned away
+    code, err = run_inprocess(capsys, "--out", out, "--raw", release["pair_tgz"], "--train-size", 20, *TINY)
+    assert code == 0, err[-3000:]
+    tok = {lang: text.read_lines(out / "tmp" / "tok" / f"train.{lang}") for lang in ("en", "de")}
+    sub = {lang: text.read_lines(out / "tmp" / "clean" / f"train.{lang}") for lang in ("en", "de")}
+    pairs = list(zip(tok["en"], tok["de"]))
+    # a subsequence of the tokenised pairs: real pairs, each drawn once, in corpus order
+    rest = iter(range(len(pairs)))
+    positions = [next(i for i in rest if pairs[i] == p) for p in zip(sub["en"], sub["de"])]
+    assert len(positions) == 20 and len(pairs) - 1 not in positions  # RATIO_PAIR was cleaned first
+    assert "on 2 x 20 lines" in err  # sentencepiece learned on the subset
+    assert binarize.count_pairs(out / "data-bin", "train", "en", "de") == 20
+    assert binarize.count_pairs(out / "data-bin", "test", "en", "de") == len(expected_sets()["tst2013"]["en"])
+    m = json.loads((out / "prepare.json").read_text())
+    assert m["splits"]["train"]["pairs"] == m["cleaning"]["pairs_after"] == 20
+    assert (m["cleaning"]["train_size"], m["cleaning"]["train_size_seed"]) == (20, 1)
+    assert m["cleaning"]["pairs_cleaned"] == n_clean
+
+    # the same seed draws the same pairs; another seed re-runs cleaning on, not tokenisation
+    first = sub["en"]
+    code, err = run_inprocess(capsys, "--out", out, "--raw", release["pair_tgz"], "--train-size", 20,
+                              "--train-size-seed", 2, *TINY)
+    assert code == 0, err[-3000:]
+    assert "step tokenize: up to date, skipped" in err and "step clean: running" in err
+    second = text.read_lines(out / "tmp" / "clean" / "train.en")
+    assert len(second) == 20 and second != first
+    assert json.loads((out / "prepare.json").read_text())["cleaning"]["train_size_seed"] == 2
+    assert text.random_subset([True] * n_clean, 20, 1) == text.random_subset([True] * n_clean, 20, 1)
+
+    code, err = run_inprocess(capsys, "--out", out, "--raw", release["pair_tgz"], "--train-size",
+                              n_clean + 1, *TINY)
+    assert code == 1
+    assert f"--train-size {n_clean + 1} is more than the {n_clean} training pairs left after cleaning" in err
+
+
 def test_directory_and_other_orientation(release, tmp_path, capsys):
     # an extracted folder (holding en-de/ and de-en/): en->de picks the en-de files
     code, err = run_inprocess(capsys, "--out", tmp_path / "a", "--raw", release["dir"], "--stop-after", "extract", *TINY)

@@ -27,12 +27,36 @@ def quickstart(*args, timeout=60):
     (["--bogus"], "unknown option --bogus"),
     (["--long", "--seed", "2"], "--long trains seeds 1 and 2 itself"),
     (["--seed"], "--seed needs a value"),
+    (["--train-size", "1e3"], "--train-size needs a number of training pairs, not '1e3'"),
+    (["--long", "--alphas", "0.4"], "--alphas needs two a_T values in (0, 1]"),
+    (["--long", "--alphas", "0.4,1.5"], "--alphas needs two a_T values in (0, 1]"),
+    (["--alphas", "0.4,0.8"], "--alphas goes with --long"),
 ])
 def test_wrong_options_stop_before_any_work(args, message, tmp_path):
     proc = quickstart("--work", tmp_path / "work", *args)
     assert proc.returncode == 2, proc.stdout
     assert message in proc.stdout
     assert not (tmp_path / "work").exists()  # nothing installed, prepared or trained
+
+
+@needs_multi30k
+def test_train_size_scales_the_schedule_to_the_updates_per_epoch(tmp_path):
+    """--train-size N: both runs train on the same N-pair subset, and the warm-up is the
+    full-data recipe's 400 updates per 130 updates of an epoch, counted on the subset (an epoch
+    of fairseq-train's own), not a constant meant for 29,000 pairs."""
+    work = tmp_path / "work"
+    proc = quickstart("--quick", "--train-size", 500, "--raw", MULTI30K_RAW, "--work", work, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    manifest = json.loads((work / "data" / "multi30k-de-en" / "prepare.json").read_text())
+    assert manifest["splits"]["train"]["pairs"] == 500 and manifest["cleaning"]["train_size"] == 500
+    from conftest import epoch_stats
+
+    for name in ("baseline", "pskd"):
+        args = json.loads((work / name / "train_args.json").read_text())
+        per_epoch = epoch_stats((work / name / "train.log").read_text())[1]["num_updates"]
+        assert per_epoch < 130 / 29000 * 500 * 3  # the subset's epoch, not the corpus's
+        assert int(args[args.index("--warmup-updates") + 1]) == round(400 * per_epoch / 130)
+        assert json.loads((work / name / "results.json").read_text())["tests"]["test"]["sentences"] == 1000
 
 
 @pytest.mark.slow
