@@ -638,6 +638,26 @@ def test_store_imports_no_fairseq():
     assert r.stdout.strip() == "[]", r.stdout
 
 
+@pytest.mark.parametrize("command", [["--help"], ["inspect", "STORE"], ["estimate", "--tokens", "1000",
+                                                                        "--topk", "8", "--vocab-size", "100"]])
+def test_cli_imports_no_torch(tmp_path, lengths, command):
+    """inspect, estimate and --help are numpy only: python -X importtime lists no torch module
+    (importing torch alone takes 1-3 s on a 2-core machine, the CLI's whole start-up used to)."""
+    with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
+        write_epoch(s, 1, lengths, np.arange(7), seed=1)
+        s.end_epoch(1)
+    args = [str(tmp_path / "s") if a == "STORE" else a for a in command]
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "fairseq_pskd.store", *args], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "numpy" in imported and "fairseq_pskd.store.cli" in imported
+    assert [m for m in imported if m.split(".")[0] == "torch"] == []
+    if command[0] == "inspect":  # the same summary as an open store gives
+        with TopKStore.open(tmp_path / "s", readonly=True) as s:
+            assert json.loads(r.stdout) == {**s.summary(), "locked_by": None}
+
+
 def test_cli_inspect(tmp_path, lengths):
     with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
         write_epoch(s, 1, lengths, np.arange(7), seed=1)

@@ -18,8 +18,20 @@ from .fairseq_index import read_fairseq_sizes
 from .format import (FORMAT_VERSION, HEADER_NAME, LENGTH_DTYPE, LENGTHS_NAME, LOCK_NAME, PROB_DTYPE, STAMP_DTYPE,
                      index_dtype)
 from .lock import lock_holder
-from .topk_store import TopKStore
-from .writer import DEFAULT_MAX_PENDING
+
+# TopKStore reads and writes torch tensors; it is imported when first used, so that the command
+# line (inspect, estimate: numpy only) starts without importing torch.
+_LAZY = {"TopKStore": ".topk_store", "DEFAULT_MAX_PENDING": ".writer"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["StoreError", "StoreLockedError", "TopKStore", "lock_holder", "read_fairseq_sizes", "main",
            "index_dtype", "FORMAT_VERSION", "HEADER_NAME", "LENGTHS_NAME", "LOCK_NAME", "PROB_DTYPE", "STAMP_DTYPE",

@@ -11,9 +11,11 @@ import numpy as np
 
 from .errors import StoreError
 from .fairseq_index import _dict_size, _find_idx, read_fairseq_sizes
-from .format import PROB_DTYPE, _human, index_dtype
+from .format import PROB_DTYPE, _human, estimate_bytes, index_dtype
 from .lock import lock_holder
-from .topk_store import TopKStore
+from .summary import inspect
+
+# numpy only: neither command needs torch (TopKStore), so the tool starts in a fraction of a second
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -50,10 +52,9 @@ def _build_parser() -> argparse.ArgumentParser:
 def _cmd_inspect(args) -> int:
     if not args.dir.strip():
         raise StoreError("inspect needs a store directory (got an empty path); pass the --pskd-store-dir of a run")
-    with TopKStore.open(args.dir, readonly=True) as store:
-        out = store.summary()
-        out["locked_by"] = lock_holder(store.path)  # None: no process has it open for writing
-        print(json.dumps(out, indent=2))
+    out = inspect(args.dir)
+    out["locked_by"] = lock_holder(out["path"])  # None: no process has it open for writing
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -88,7 +89,7 @@ def _cmd_estimate(args) -> int:
         notes.append(f"--sentences not given: assumed tokens/30 = {sentences}")
     if sentences < 1:
         raise StoreError("--sentences must be positive")
-    total = TopKStore.estimate_bytes(sentences, tokens, args.topk, vocab)
+    total = estimate_bytes(sentences, tokens, args.topk, vocab)
     ib = index_dtype(vocab).itemsize
     per_epoch = tokens * args.topk * (ib + PROB_DTYPE.itemsize)
     out = {

@@ -73,6 +73,13 @@ def _array_file_names() -> List[str]:
     return list(_array_files(1, 1, 1, 1).keys())
 
 
+def estimate_bytes(num_sentences: int, num_tokens: int, topk: int, vocab_size: int) -> int:
+    """Disk bytes a store needs: both buffers' arrays + lengths file + header (rounded up)."""
+    num_sentences, num_tokens, topk, vocab_size = int(num_sentences), int(num_tokens), int(topk), int(vocab_size)
+    arrays = sum(_array_files(num_sentences, num_tokens, topk, vocab_size).values())
+    return arrays + _lengths_file_bytes(num_sentences) + _HEADER_BYTES
+
+
 def _lengths_file_bytes(num_sentences: int) -> int:
     return 128 + num_sentences * LENGTH_DTYPE.itemsize  # np.save header is 128 bytes for 1-D
 

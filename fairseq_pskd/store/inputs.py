@@ -1,20 +1,28 @@
 """Checks of what callers pass to the store (target lengths, ids, k and vocabulary, epochs):
-a mistake is a StoreError that says what to pass instead."""
+a mistake is a StoreError that says what to pass instead.
+
+torch is not imported here: a value can only be a tensor once the caller has imported torch, so
+the store's numpy-only tools (``python -m fairseq_pskd.store inspect``) start without it."""
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
 
 from .errors import StoreError
 from .format import _HINT_DIR, LENGTH_DTYPE, STAMP_DTYPE
 
 
+def _is_tensor(x) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _as_numpy_1d_int(x, name: str) -> np.ndarray:
     """ids / lengths (torch tensor on any device, numpy array or sequence) -> int64 numpy."""
-    if isinstance(x, torch.Tensor):
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+    if _is_tensor(x):
+        if x.is_floating_point() or x.is_complex() or x.dtype == sys.modules["torch"].bool:
             raise StoreError(f"{name} must be an integer tensor, got dtype {x.dtype}; pass sample ids / target lengths as long tensors")
         x = x.detach().cpu().numpy()
     else:
@@ -32,7 +40,7 @@ def _checked_lengths(target_lengths) -> np.ndarray:
     """The training set's target lengths as a 1-D integer array, not copied when avoidable
     (4.5 M sentences are 36 MB as int64; fairseq's sizes arrays are already numpy)."""
     x = target_lengths
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         x = x.detach().cpu().numpy()
     x = np.asarray(x)
     if x.ndim != 1:
@@ -81,7 +89,7 @@ def _check_topk_tensors(what: str, indices, probs, topk: int, path: str) -> Tupl
     """(B, T') of a write's ``indices`` and ``probs``: two (B, T', k) arrays, k = the store's
     ``topk``, integer ids and floating-point probabilities."""
     for name, t in (("indices", indices), ("probs", probs)):
-        if not isinstance(t, (torch.Tensor, np.ndarray)):
+        if not (_is_tensor(t) or isinstance(t, np.ndarray)):
             raise StoreError(f"{what}: {name} must be a torch tensor or numpy array, got {type(t).__name__}")
         if t.ndim != 3:
             raise StoreError(f"{what}: {name} must have shape (batch, target_len, k), got {tuple(t.shape)}")
@@ -99,13 +107,13 @@ def _check_device_ids(what: str, ids, lengths, batch_size: int) -> None:
     """What can be checked of a write's device ``ids``/``lengths`` without a device sync (their
     values are checked on the writer thread, after the copy)."""
     for name, t in (("ids", ids), ("lengths", lengths)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.shape[0] != batch_size:
+        if not _is_tensor(t) or t.ndim != 1 or t.shape[0] != batch_size:
             raise StoreError(f"{what}: {name} must be a 1-D tensor of {batch_size} entries (one per row of indices/probs)")
         if t.is_floating_point():
             raise StoreError(f"{what}: {name} must be an integer tensor, got {t.dtype}")
 
 
 def _is_float(t) -> bool:
-    if isinstance(t, torch.Tensor):
+    if _is_tensor(t):
         return t.is_floating_point()
     return np.issubdtype(t.dtype, np.floating)

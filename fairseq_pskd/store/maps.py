@@ -232,15 +232,6 @@ class _Core:
         if skipped.size:
             self.nonfinite[job.epoch] = self.nonfinite.get(job.epoch, 0) + int(skipped.size)
 
-    def stamp_summary(self, buffer: int) -> Tuple[Optional[int], int, int]:
-        """(the latest epoch that wrote to ``buffer``, None if none; how many sentences it wrote;
-        how many hold rows of an earlier epoch): from the stamps, the ground truth."""
-        stamps = np.asarray(self.stamps[buffer])
-        latest = int(stamps.max())
-        written = int(np.count_nonzero(stamps == latest)) if latest > 0 else 0
-        stale = int(np.count_nonzero((stamps > 0) & (stamps != latest)))
-        return (latest if latest > 0 else None), written, stale
-
     def msync(self, buffers=(0, 1)) -> None:
         for b in buffers:
             if self.dirty[b]:

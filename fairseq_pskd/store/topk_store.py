@@ -11,13 +11,13 @@ import torch
 
 from .create import _check_can_create, _check_writable_dir, _create_files, _make_dir
 from .errors import StoreError
-from .format import (_HEADER_BYTES, FORMAT_VERSION, HEADER_NAME, _array_files, _disk_usage, _empty_buffers, _human,
-                     _lengths_file_bytes, _looks_like_store, _write_json_atomic)
+from .format import FORMAT_VERSION, HEADER_NAME, _empty_buffers, _looks_like_store, _write_json_atomic, estimate_bytes
 from .inputs import (_as_numpy_1d_int, _check_device_ids, _check_epoch, _check_k_vocab, _check_topk_tensors,
                      _checked_lengths, _checked_run_id)
 from .lock import _lock_or_undo, _StoreLock
 from .maps import _Core
 from .open_checks import _check_openable, _read_checked
+from .summary import summarize
 from .writer import DEFAULT_MAX_PENDING, _Job, _shutdown_writer, _stage_batch, _Writer
 
 
@@ -50,9 +50,7 @@ class TopKStore:
     @staticmethod
     def estimate_bytes(num_sentences: int, num_tokens: int, topk: int, vocab_size: int) -> int:
         """Disk bytes a store needs: both buffers' arrays + lengths file + header (rounded up)."""
-        num_sentences, num_tokens, topk, vocab_size = int(num_sentences), int(num_tokens), int(topk), int(vocab_size)
-        arrays = sum(_array_files(num_sentences, num_tokens, topk, vocab_size).values())
-        return arrays + _lengths_file_bytes(num_sentences) + _HEADER_BYTES
+        return estimate_bytes(num_sentences, num_tokens, topk, vocab_size)
 
     @classmethod
     def create(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
@@ -419,32 +417,4 @@ class TopKStore:
     def summary(self) -> Dict[str, Any]:
         """What ``inspect`` prints. Buffer epochs and counts come from the stamps (ground truth)."""
         self._check_open()
-        h = self._header
-        disk, alloc = _disk_usage(self._path)
-        buffers = []
-        for b in (0, 1):
-            latest, written, stale = self._core.stamp_summary(b)
-            buffers.append({
-                "buffer": b,
-                "epoch": latest,
-                "sentences_written": written,
-                "sentences_stale": stale,
-                "header_epoch": h["buffers"][b].get("epoch"),
-                "header_sentences_written": h["buffers"][b].get("sentences_written"),
-            })
-        return {
-            "path": self._path,
-            "format_version": h["format_version"],
-            "num_sentences": self.num_sentences,
-            "num_tokens": self.num_tokens,
-            "topk": self.topk,
-            "vocab_size": self.vocab_size,
-            "index_dtype": h["index_dtype"],
-            "prob_dtype": h["prob_dtype"],
-            "lengths_fingerprint": h["lengths_fingerprint"],
-            "run_id": h.get("run_id"),
-            "disk_bytes": disk,
-            "disk_human": _human(disk),
-            "allocated_bytes": alloc,
-            "buffers": buffers,
-        }
+        return summarize(self._path, self._header, self._core.stamps)
