@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from .progress import TRAIN_START, EpochProgress
 
 USER_DIR = str(Path(__file__).resolve().parent)
 
@@ -67,8 +68,9 @@ def hardware():
     return desc
 
 
-def _run(cmd, log_path, env=None):
-    """Run a command, teeing its output to log_path; raise with the log's tail on failure."""
+def _run(cmd, log_path, env=None, on_line=None):
+    """Run a command, teeing its output to log_path (and each line to ``on_line``); raise with
+    the log's tail on failure."""
     log(f"$ {' '.join(shlex.quote(str(c)) for c in cmd)}")
     with open(log_path, "a") as out:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE,
@@ -76,6 +78,8 @@ def _run(cmd, log_path, env=None):
         for line in proc.stdout:
             out.write(line)
             out.flush()
+            if on_line is not None:
+                on_line(line)
             if "| train |" in line or "| valid |" in line or "error" in line.lower():
                 sys.stdout.write("    " + line.split("| INFO | ", 1)[-1])
                 sys.stdout.flush()
@@ -147,14 +151,12 @@ def training_wall_seconds(log_path):
                 else:
                     segments[-1] = wall
                 new_segment = False
-            elif _TRAIN_START in line:  # fairseq-train started again
+            elif TRAIN_START in line:  # fairseq-train started again
                 new_segment = True
     return sum(segments) if segments else None
 
 
 _EPOCH_WALL = re.compile(r"\| wall (\d+(?:\.\d+)?)\b")
-# the configuration fairseq-train logs first thing, each time it starts
-_TRAIN_START = "| fairseq_cli.train | {'_name'"
 
 
 def run(args):
@@ -178,7 +180,14 @@ def run(args):
     train_cmd = [py, "-m", "fairseq_cli.train", data_bin, "--user-dir", USER_DIR,
                  "--source-lang", src, "--target-lang", tgt, "--save-dir", ckpt_dir,
                  "--no-progress-bar", "--log-format", "simple", *train_args]
-    _run(train_cmd, out / "train.log", env)
+    progress_out = sys.stdout if args.progress == "-" else open(args.progress, "a", buffering=1)
+    try:
+        progress = EpochProgress(args.name or out.name, _max_epoch_of(train_args), progress_out,
+                                 queued_epochs=args.queued_epochs, eta_dir=args.eta_dir)
+        _run(train_cmd, out / "train.log", env, on_line=progress.feed)
+    finally:
+        if progress_out is not sys.stdout:
+            progress_out.close()
     train_seconds = training_wall_seconds(out / "train.log") or time.time() - t0
     last = ckpt_dir / "checkpoint_last.pt"
     if not last.exists():
@@ -593,6 +602,13 @@ def table(args):
                 print(f"\n{_shown_name(b)} - {_shown_name(a)} on {subset}: BLEU {tb['bleu'] - ta['bleu']:+.2f}, "
                       f"chrF {tb['chrf'] - ta['chrf']:+.2f}, ECE {100 * (tb['ece'] - ta['ece']):+.2f} pts, "
                       f"NLL {tb['nll'] - ta['nll']:+.3f}, AURC x1000 {1000 * (tb['aurc'] - ta['aurc']):+.1f}")
+        if args.reading and "test" in a["tests"] and "test" in b["tests"]:
+            from .reading import reading
+
+            p = b.get("_table", {}).get("test", {}).get("p")
+            print("\n" + "\n".join(reading(a, b, "test", p)))
+    elif args.reading:
+        raise ExperimentError("--reading compares two runs: give exactly two results.json files")
     return 0
 
 
@@ -639,6 +655,12 @@ def main(argv=None):
     p.add_argument("--bins", type=int, default=10, help="equal-width ECE bins (default 10)")
     p.add_argument("--test-subsets", default="test", help="comma-separated fairseq split names")
     p.add_argument("--cpu", action="store_true", help="decode and calibrate on the CPU")
+    p.add_argument("--progress", default="-", metavar="FILE",
+                   help="where to write one progress line per finished epoch (default -: stdout)")
+    p.add_argument("--queued-epochs", type=int, default=0, metavar="N",
+                   help="epochs of the runs that follow this one (for the overall ETA)")
+    p.add_argument("--eta-dir", metavar="DIR",
+                   help="a directory the runs of one recipe share, to print the ETA of them all")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="-- then the fairseq-train arguments (model, optimiser, criterion, epochs)")
     sc = sub.add_parser("score", help="score a finished run on raw parallel text (any test set)")
@@ -665,6 +687,9 @@ def main(argv=None):
     t.add_argument("--paired-bs", action="store_true",
                    help="p-value of each run's BLEU against the first run's (sacreBLEU paired "
                         "bootstrap, 1,000 resamples; needs the runs' hyp.* files)")
+    t.add_argument("--reading", action="store_true",
+                   help="two runs of the quickstart's main job: say which differences on test exceed "
+                        "the run-to-run variation measured in docs/RESULTS.md")
     t.add_argument("--mean-over-seeds", action="store_true",
                    help="also the mean scores per system over its seeds (runs named NAME-s1, "
                         "NAME-s2, ...)")

@@ -145,11 +145,14 @@ PSKD=(--criterion pskd --pskd-alpha 0.1 --pskd-topk 8 --pskd-remainder current)
 
 # The two runs go side by side, one core each: small models use a second thread poorly.
 THREADS=$(( $(nproc) / 2 )); (( THREADS >= 1 )) || THREADS=1
-run() {  # name, seed, criterion args...
-  local name="$1" seed="$2"; shift 2
+# Each run's output goes to WORK/NAME.log; its progress lines (one per epoch, with the ETA of
+# every run of the recipe: WORK/.eta) come to the terminal through file descriptor 3.
+run() {  # name, seed, epochs of the runs queued after it in its lane, criterion args...
+  local name="$1" seed="$2" queued="$3"; shift 3
   OMP_NUM_THREADS=$THREADS "$PY" -m fairseq_pskd.experiment run --prepared "$DATA" \
     --out "$WORK/$name" --name "$name" --beam "$BEAM" --average-last "$AVERAGE" --cpu \
-    -- "${TRAIN[@]/#@SEED@/$seed}" "$@" > "$WORK/$name.log" 2>&1
+    --progress /dev/fd/3 --queued-epochs "$queued" --eta-dir "$WORK/.eta" \
+    -- "${TRAIN[@]/#@SEED@/$seed}" "$@" 3>&1 > "$WORK/$name.log" 2>&1
 }
 lenpen() {  # name: its length penalty chosen on valid, into $WORK/name/lenpen (--long), so that
   # BLEU's brevity penalty does not decide the comparison (docs/EVALUATION.md)
@@ -157,9 +160,10 @@ lenpen() {  # name: its length penalty chosen on valid, into $WORK/name/lenpen (
     echo "[quickstart] $1 lenpen failed: see $WORK/$1.log" >&2; tail -20 "$WORK/$1.log" >&2; return 1; }
 }
 mkdir -p "$WORK"
+rm -rf "$WORK/.eta"  # lane finish times of an earlier invocation
 if [[ -n "$VARIANT" ]]; then
   echo "[quickstart] training variant $VARIANT ($EPOCHS epochs): ${VARIANT_ARGS[*]}; log: $WORK/$VARIANT.log"
-  run "$VARIANT" "$SEED" "${VARIANT_ARGS[@]}" || {
+  run "$VARIANT" "$SEED" 0 "${VARIANT_ARGS[@]}" || {
     echo "[quickstart] $VARIANT failed: see $WORK/$VARIANT.log" >&2; tail -20 "$WORK/$VARIANT.log" >&2; exit 1; }
   TABLE=(); TUNED=()
   if [[ $LONG == 1 ]]; then
@@ -186,14 +190,15 @@ if [[ $LONG == 1 ]]; then
   PSKD_STRONG=(--criterion pskd --pskd-alpha "$ALPHA_STRONG" --pskd-topk 8 --pskd-remainder current)
   W="pskd-a$ALPHA_WEAK" S="pskd-a$ALPHA_STRONG"
   lane() {  # name:seed:kind ...
-    local spec name seed kind args
+    local spec name seed kind args left=$#
     for spec in "$@"; do
       IFS=: read -r name seed kind <<< "$spec"
+      left=$(( left - 1 ))
       case "$kind" in
         baseline) args=("${BASELINE[@]}") ;; weak) args=("${PSKD_WEAK[@]}") ;; strong) args=("${PSKD_STRONG[@]}") ;;
       esac
       echo "[quickstart] $(date +%H:%M) training $name ($EPOCHS epochs); log: $WORK/$name.log"
-      run "$name" "$seed" "${args[@]}" || {
+      run "$name" "$seed" $(( left * EPOCHS )) "${args[@]}" || {
         echo "[quickstart] $name failed: see $WORK/$name.log" >&2; tail -20 "$WORK/$name.log" >&2; return 1; }
       lenpen "$name" || return 1
     done
@@ -229,8 +234,8 @@ if [[ $LONG == 1 ]]; then
 fi
 
 echo "[quickstart] training baseline and PS-KD ($EPOCHS epochs each); logs: $WORK/{baseline,pskd}.log"
-run baseline "$SEED" "${BASELINE[@]}" & PID_B=$!
-run pskd "$SEED" "${PSKD[@]}" & PID_P=$!
+run baseline "$SEED" 0 "${BASELINE[@]}" & PID_B=$!
+run pskd "$SEED" 0 "${PSKD[@]}" & PID_P=$!
 FAIL=0
 wait $PID_B || { echo "[quickstart] baseline failed: see $WORK/baseline.log" >&2; tail -20 "$WORK/baseline.log" >&2; FAIL=1; }
 wait $PID_P || { echo "[quickstart] PS-KD failed: see $WORK/pskd.log" >&2; tail -20 "$WORK/pskd.log" >&2; FAIL=1; }
@@ -241,6 +246,6 @@ wait $PID_P || { echo "[quickstart] PS-KD failed: see $WORK/pskd.log" >&2; tail 
 echo
 echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM; ECE: 10 equal-width bins, teacher forcing)"
 "$PY" -m fairseq_pskd.experiment table "$WORK/baseline/results.json" "$WORK/pskd/results.json" --paired-bs \
-  | tee "$WORK/results.txt"
+  --reading | tee "$WORK/results.txt"
 echo
 echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png, reliability diagrams: $WORK/*/reliability.test.png"

@@ -57,6 +57,21 @@ def test_train_size_scales_the_schedule_to_the_updates_per_epoch(tmp_path):
         assert per_epoch < 130 / 29000 * 500 * 3  # the subset's epoch, not the corpus's
         assert int(args[args.index("--warmup-updates") + 1]) == round(400 * per_epoch / 130)
         assert json.loads((work / name / "results.json").read_text())["tests"]["test"]["sentences"] == 1000
+    check_progress_and_reading(proc.stdout, epochs=2)
+
+
+def check_progress_and_reading(stdout, epochs):
+    """One progress line per epoch of each run on the terminal (with the ETA of both runs), then
+    the table and the sentences that read it."""
+    lines = stdout.splitlines()
+    for name in ("baseline", "pskd"):
+        mine = [line for line in lines if line.startswith(f"[{name}] epoch ")]
+        assert [line.split("  ")[0] for line in mine] == [f"[{name}] epoch {e}/{epochs}" for e in range(1, epochs + 1)]
+        assert all("/epoch  ETA " in line and "(all runs: ETA " in line for line in mine), mine
+    table = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    assert max(i for i, line in enumerate(lines) if "] epoch " in line) < table
+    reading = [line for line in lines[table:] if line.startswith(("BLEU: pskd", "ECE: "))]
+    assert len(reading) == 2 and "run-to-run variation" in reading[0], lines[table:]
 
 
 @pytest.mark.slow
@@ -75,4 +90,5 @@ def test_quick_run_trains_both_systems_and_prints_the_table(tmp_path):
         assert 0 <= test["bleu"] <= 100 and 0 <= test["ece"] <= 1
     table = (work / "results.txt").read_text()
     assert "baseline" in table and "pskd" in table
+    check_progress_and_reading(proc.stdout, epochs=2)
     assert (work / "curves.png").stat().st_size > 0
