@@ -205,6 +205,7 @@ def run(args):
     results = {
         "name": args.name or out.name, "corpus": manifest.get("corpus"), "src": src, "tgt": tgt,
         "prepared": str(prepared),
+        "train_pairs": manifest.get("splits", {}).get("train", {}).get("pairs"),
         "checkpoint": str(ckpt), "average_last": args.average_last,
         "beam": args.beam, "lenpen": args.lenpen, "max_epoch": _max_epoch_of(train_args),
         "train_args": train_args, "train_command": " ".join(map(shlex.quote, map(str, train_cmd))),
