@@ -66,14 +66,12 @@ def read_generate_sentence_scores(path):
     return [scores[i] for i in sorted(scores)], sorted(scores)
 
 
-def sentence_level(hyps, refs, scores):
-    """Sentence-level confidence (calibration.sentence_confidence) of detokenised hyps scored
-    by ``scores``, against their sentence chrF."""
+def sentence_chrf(hyps, refs):
+    """sacreBLEU's sentence chrF (defaults) of each detokenised hypothesis."""
     from sacrebleu.metrics import CHRF
 
     chrf = CHRF()
-    sentence_chrf = [chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
-    return sentence_confidence(scores, sentence_chrf)
+    return [chrf.sentence_score(h, [r]).score for h, r in zip(hyps, refs)]
 
 
 def read_lines(path):
@@ -166,8 +164,12 @@ def cmd_score(args):
             raise EvaluationError(f"{args.generate_output} has P- lines (positional scores) for "
                                   f"{len(score_ids)} of its {len(ids)} hypotheses")
         else:
-            result.update(sentence_level(hyps, refs, scores))
+            chrf = sentence_chrf(hyps, refs)
+            result.update(sentence_confidence(scores, chrf))
             result["sentence_score"] = "mean log2-probability per token of the hypothesis (P- lines)"
+            if args.sentence_output:  # what the two figures are computed from, to re-check them
+                Path(args.sentence_output).write_text(
+                    "".join(f"{s!r}\t{c!r}\n" for s, c in zip(scores, chrf)), encoding="utf-8")
 
     # the same lines sacrebleu's own CLI prints: score and signature together
     print(result.pop("bleu_line"))
@@ -413,6 +415,9 @@ def build_parser():
     p.add_argument("--tokenize", default=None, help="sacrebleu BLEU tokenizer (default: 13a)")
     p.add_argument("--detok-output", metavar="FILE", help="also write the scored hypotheses here")
     p.add_argument("--json", metavar="OUT.json", help="write the scores as JSON")
+    p.add_argument("--sentence-output", metavar="FILE",
+                   help="with --generate-output: write each hypothesis's score and sentence chrF "
+                        "(tab-separated, in id order)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("calibration", help="token-level ECE / NLL / AURC with teacher forcing",

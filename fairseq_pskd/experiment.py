@@ -266,7 +266,8 @@ def _decode_and_score(data_bin, src, tgt, ckpt, subset, ref, out, args, env):
     # a score made before the sentence-level confidence existed is made again (seconds)
     if not _fresh(score, gen) or SENTENCE_KEYS[0] not in json.loads(score.read_text()):
         _run([py, "-m", "fairseq_pskd.evaluate", "score", "--generate-output", gen, "--ref", ref,
-              "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score],
+              "--detok-lang", tgt, "--detok-output", out / f"hyp.{subset}.{tgt}", "--json", score,
+              "--sentence-output", out / f"sentence.{subset}.tsv"],
              out / "eval.log", env)
     return json.loads(score.read_text())
 
@@ -355,7 +356,7 @@ def lenpen(args):
         # this decode), then put where `table` reads a run's hypotheses and scores
         at = out / f"{subset}.lenpen{best:g}"
         s = _decode_and_score(data_bin, src, tgt, ckpt, subset, test_ref, at, args, env)
-        for name in (f"hyp.{subset}.{tgt}", f"score.{subset}.json"):
+        for name in (f"hyp.{subset}.{tgt}", f"score.{subset}.json", f"sentence.{subset}.tsv"):
             (out / name).write_bytes((at / name).read_bytes())
         tuned["tests"][subset] = {**old, "bleu": s["bleu"], "chrf": s["chrf"],
                                   "bleu_signature": s["bleu_signature"],

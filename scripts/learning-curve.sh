@@ -29,7 +29,7 @@ while [[ $# -gt 0 ]]; do
     --sizes) SIZES="$2"; shift 2 ;;
     --work) WORK="$2"; shift 2 ;;
     --full) FULL="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "learning-curve.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

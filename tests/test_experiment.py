@@ -83,6 +83,7 @@ def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     assert -1 <= result["sentence_spearman"] <= 1 and 0 <= result["sentence_aurc"] <= 1
     assert (result["sentence_spearman"], result["sentence_aurc"]) == \
         (scored["sentence_spearman"], scored["sentence_aurc"])
+    assert len((out / "sentence.test.tsv").read_text().splitlines()) == 29
 
     # `lenpen` on the same run: each grid value decodes the validation split, the best one the test
     code = experiment.main(["lenpen", str(out), "--grid", "2,0.5", "--cpu"])

@@ -43,6 +43,21 @@ def test_run_files_agree(run):
     valid = epoch_stats((run / "train.log").read_text(), "valid")
     assert sorted(valid) == list(range(1, result["max_epoch"] + 1))
     assert all("nll_loss" in valid[epoch] for epoch in valid)
+    check_sentence_level(run, reported)
+
+
+def check_sentence_level(run, reported):
+    """A run scored with the sentence-level measures keeps what they are computed from (each
+    hypothesis's score and sentence chrF): they re-compute to the reported figures."""
+    if reported.get("sentence_spearman") is None:
+        return  # scored before the measure existed
+    from fairseq_pskd.calibration import sentence_confidence
+
+    rows = [line.split("\t") for line in (run / "sentence.test.tsv").read_text().splitlines()]
+    assert len(rows) == 1000
+    again = sentence_confidence([float(s) for s, _ in rows], [float(c) for _, c in rows])
+    assert again["sentence_spearman"] == pytest.approx(reported["sentence_spearman"], abs=1e-12)
+    assert again["sentence_aurc"] == pytest.approx(reported["sentence_aurc"], abs=1e-12)
 
 
 @pytest.mark.parametrize("tuned", TUNED, ids=_id)
@@ -58,6 +73,7 @@ def test_lenpen_choice_agrees_with_its_run(tuned):
     # calibration is teacher-forced: the run's own
     for key in ("ece", "nll", "aurc"):
         assert result["tests"]["test"][key] == run["tests"]["test"][key]
+    check_sentence_level(tuned, result["tests"]["test"])
 
 
 @needs_multi30k
@@ -74,3 +90,6 @@ def test_hypotheses_rescore_to_reported_bleu(run):
     chrf = sacrebleu.corpus_chrf(hyps, [refs])
     assert bleu.score == pytest.approx(score["bleu"], abs=1e-9)
     assert chrf.score == pytest.approx(score["chrf"], abs=1e-9)
+    if (run / "sentence.test.tsv").exists():  # the sentence chrF the sentence level ranks by
+        kept = [float(line.split("\t")[1]) for line in (run / "sentence.test.tsv").read_text().splitlines()]
+        assert kept == pytest.approx([sacrebleu.sentence_chrf(h, [r]).score for h, r in zip(hyps, refs)], abs=1e-9)
