@@ -28,13 +28,32 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from .loss import REMAINDERS, pskd_loss
+from .loss import REMAINDERS, pskd_loss, pskd_loss_from_logits
 from .priors import Priors, to_device
 from .task_hooks import TaskHooks, refuse_unservable_data
 
 logger = logging.getLogger(__name__)
 
 STORE_SYNCS = ("shared", "all_gather")  # docs/DISTRIBUTED.md
+LOSS_PATHS = ("auto", "logits", "log_softmax")
+
+
+def normalizes_by_log_softmax(model, net_output):
+    """Whether ``model.get_normalized_probs(net_output, log_probs=True)`` is
+    ``log_softmax(net_output[0])``, fairseq's default, on this (first) batch: not with an
+    adaptive softmax (its output is not one logit per vocabulary entry), nor for a model that
+    normalizes its own way (a temperature, a mixture): checked by value, so a model that
+    overrides get_normalized_probs but still takes the log_softmax qualifies."""
+    decoder = getattr(model, "decoder", None)
+    if getattr(decoder, "adaptive_softmax", None) is not None:
+        return False
+    logits = net_output[0]
+    if not torch.is_tensor(logits) or not logits.is_floating_point():
+        return False
+    with torch.no_grad():
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        return (lprobs.shape == logits.shape
+                and torch.allclose(lprobs.float(), torch.log_softmax(logits.float(), -1), atol=1e-4, rtol=0))
 
 
 @dataclass
@@ -71,6 +90,14 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
                           "1 - sum(top-k) evenly over the other tokens; 'current' spreads it "
                           "in proportion to the current model's own (detached) probabilities "
                           "of those tokens; 'renormalize' rescales the top-k to sum to 1"},
+    )
+    pskd_loss: ChoiceEnum(list(LOSS_PATHS)) = field(
+        default="auto",
+        metadata={"help": "how the training loss is computed: 'logits' in one pass over the "
+                          "decoder's logits (cheaper than label smoothing's log_softmax; needs a "
+                          "model whose normalized probabilities are their log_softmax), "
+                          "'log_softmax' from the model's get_normalized_probs (any model), "
+                          "'auto' the first where the model allows it (said in the log)"},
     )
     save_dir: str = II("checkpoint.save_dir")
     max_epoch: int = II("optimization.max_epoch")
@@ -115,6 +142,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         sync = str(cfg.pskd_store_sync)
         if sync not in STORE_SYNCS:
             raise ValueError(f"--pskd-store-sync must be one of {', '.join(STORE_SYNCS)}, got {sync}")
+        self.loss_path = str(cfg.pskd_loss)
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"--pskd-loss must be one of {', '.join(LOSS_PATHS)}, got {self.loss_path}")
+        self._from_logits = None  # decided at the first training batch, from the model
         refuse_unservable_data(task)
         self.priors = Priors(cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store"),
                              self.topk, sync, cfg.save_dir)
@@ -209,12 +240,11 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         if self.epoch is None:
             raise RuntimeError("PS-KD criterion used for training before task.begin_epoch(): "
                                "train with fairseq-train (or call task.begin_epoch yourself)")
-        # one log-softmax per step, shared by the loss and the top-k that is stored
-        full_lprobs = model.get_normalized_probs(net_output, log_probs=True).float()  # (B, T, V)
+        if self._from_logits is None:
+            self._from_logits = self._choose_loss_path(model, net_output)
         full_target = model.get_targets(sample, net_output)
-        lprobs, target = full_lprobs, full_target
+        target = full_target
         if self.ignore_prefix_size > 0:
-            lprobs = lprobs[:, self.ignore_prefix_size:, :].contiguous()
             target = target[:, self.ignore_prefix_size:].contiguous()
         batch = self._train_batch
         alpha = self.alpha(batch["update_num"])
@@ -222,28 +252,48 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         # on the device, for the store's writer to check against the store off the critical path
         lengths = full_target.ne(self.padding_idx).sum(1)
         n_tokens = target.ne(self.padding_idx).sum()
+        prefix = self.ignore_prefix_size
+        if self._from_logits:
+            # the loss from the logits in one pass (loss.py); the prefix rows stay in, weighted
+            # 0 like padding, so the log-sum-exp of every row is there for the stored top-k
+            full_scores, lse = net_output[0], None
+            loss_target = full_target
+            if prefix > 0:
+                loss_target = full_target.clone()
+                loss_target[:, :prefix] = self.padding_idx
+        else:
+            # one log-softmax per step, shared by the loss and the top-k that is stored
+            full_scores, lse = model.get_normalized_probs(net_output, log_probs=True).float(), None
+            loss_target = target
+        scores = full_scores if self._from_logits or prefix == 0 else full_scores[:, prefix:, :].contiguous()
         prior_idx = prior_p = prior_mask = None
         if self._reads_prior(alpha, dummy):
             idx, p, has_prior = self.priors.take_read(sample)
-            if self.ignore_prefix_size > 0:
-                idx = idx[:, self.ignore_prefix_size:]
-                p = p[:, self.ignore_prefix_size:]
-            dev = lprobs.device
+            if prefix > 0 and not self._from_logits:
+                idx, p = idx[:, prefix:], p[:, prefix:]
+            dev = scores.device
             prior_idx = to_device(idx, dev).reshape(-1, idx.size(-1))
             prior_p = to_device(p, dev).reshape(-1, p.size(-1))
-            prior_mask = to_device(has_prior, dev).unsqueeze(1).expand_as(target).reshape(-1)
-        loss, nll_loss, mass = pskd_loss(
-            lprobs.view(-1, lprobs.size(-1)), target.view(-1), alpha, self.eps,
-            prior_idx, prior_p, prior_mask, self.remainder, ignore_index=self.padding_idx,
-            reduce=reduce)
+            prior_mask = to_device(has_prior, dev).unsqueeze(1).expand_as(loss_target).reshape(-1)
+        vocab = scores.size(-1)
+        if self._from_logits:
+            loss, nll_loss, mass, lse = pskd_loss_from_logits(
+                scores.reshape(-1, vocab), loss_target.reshape(-1), alpha, self.eps, prior_idx,
+                prior_p, prior_mask, self.remainder, ignore_index=self.padding_idx, reduce=reduce)
+            lse = lse.view(full_target.shape)
+        else:
+            loss, nll_loss, mass = pskd_loss(
+                scores.view(-1, vocab), loss_target.view(-1), alpha, self.eps,
+                prior_idx, prior_p, prior_mask, self.remainder, ignore_index=self.padding_idx,
+                reduce=reduce)
         if dummy:
             self.priors.dummy_batches += 1
         # all_gather: every rank joins the step's collective, a dummy batch with no rows
         if not dummy or self.priors.sync == "all_gather":
             ids = torch.from_numpy(self.priors.host_ids(sample)) if not dummy else sample["id"]
-            self.priors.write(full_lprobs, ids, lengths, dummy=dummy)
+            self.priors.write(full_scores, ids, lengths, dummy=dummy, lse=lse)
         if prior_mask is not None:
-            covered = (prior_mask & target.view(-1).ne(self.padding_idx)).sum()
+            covered = (prior_mask & loss_target.reshape(-1).ne(self.padding_idx)).sum()
         else:
             covered = n_tokens.new_zeros(())
         self.pskd_stats = {
@@ -256,6 +306,28 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             "pskd_mass_sum": (mass.sum() if not reduce else mass).data,
         }
         return loss, nll_loss
+
+    def _choose_loss_path(self, model, net_output):
+        """True: the loss from the logits (pskd_loss_from_logits); False: from the model's
+        normalized probabilities (pskd_loss). --pskd-alpha 0 keeps label_smoothed_cross_entropy's
+        own function, bit for bit. Said once in the log."""
+        fits = normalizes_by_log_softmax(model, net_output)
+        if self.loss_path == "logits" and not fits:
+            raise ValueError(f"--pskd-loss logits needs a model whose normalized probabilities "
+                             f"are the log_softmax of its decoder's output; {type(model).__name__} "
+                             "has an adaptive softmax or its own get_normalized_probs: use "
+                             "--pskd-loss log_softmax (or auto)")
+        from_logits = self.loss_path == "logits" or (self.loss_path == "auto" and fits and self.alpha_T > 0)
+        if from_logits:
+            logger.info("PS-KD loss: from the decoder's logits in one pass (--pskd-loss %s)", self.loss_path)
+        elif self.loss_path == "auto" and not fits:
+            logger.info("PS-KD loss: from %s.get_normalized_probs (an adaptive softmax or its own "
+                        "normalization: the one-pass loss from the logits does not apply)",
+                        type(model).__name__)
+        else:
+            logger.info("PS-KD loss: from get_normalized_probs (--pskd-loss %s%s)", self.loss_path,
+                        ", --pskd-alpha 0: label_smoothed_cross_entropy's own function" if self.alpha_T == 0 else "")
+        return from_logits
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -307,18 +307,22 @@ class Priors:
             future, self._cpu_write = self._cpu_write, None
             future.result()
 
-    def _topk(self, lprobs):
-        """(indices int32, probabilities float16) of the k most probable tokens, as stored."""
-        top_lp, top_idx = lprobs.topk(self.topk, dim=-1)
-        return top_idx.to(torch.int32), top_lp.exp().to(torch.float16)
+    def _topk(self, scores, lse=None):
+        """(indices int32, probabilities float16) of the k most probable tokens, as stored:
+        ``scores`` are log-probabilities, or logits with ``lse`` their log-sum-exp per row
+        (the same order; probabilities exp(z - lse))."""
+        top, top_idx = scores.topk(self.topk, dim=-1)
+        top = top.float() if lse is None else top.float() - lse.unsqueeze(-1)
+        return top_idx.to(torch.int32), top.exp().to(torch.float16)
 
-    def _topk_and_write(self, epoch, lprobs, ids, lengths):
-        self.store.write(epoch, ids, lengths, *self._topk(lprobs))
+    def _topk_and_write(self, epoch, scores, lse, ids, lengths):
+        self.store.write(epoch, ids, lengths, *self._topk(scores, lse))
 
     @torch.no_grad()
-    def write(self, full_lprobs, ids, lengths, dummy=False):
+    def write(self, full_lprobs, ids, lengths, dummy=False, lse=None):
         """Store the top-k of this batch's log-probabilities (B, T, V) as epoch ``self.epoch``'s
-        priors. ``dummy``: the trainer's dummy batch, which writes nothing but, under
+        priors; with ``lse`` (B, T), ``full_lprobs`` are the logits and ``lse`` their
+        log-sum-exp. ``dummy``: the trainer's dummy batch, which writes nothing but, under
         --pskd-store-sync all_gather, still joins the step's collective."""
         # The full target row, prefix included: the store is keyed by the dataset's target
         # lengths. Top-k on the device; only (B, T, k) crosses to the host.
@@ -333,11 +337,11 @@ class Priors:
                 # One in flight at a time, so no batch's log-probs outlive the next step.
                 self._wait_cpu_write()
                 self._cpu_write = self._helper_thread().submit(
-                    self._topk_and_write, self.epoch, lprobs, ids, lengths)
+                    self._topk_and_write, self.epoch, lprobs, lse, ids, lengths)
             else:
-                self._topk_and_write(self.epoch, lprobs, ids, lengths)
+                self._topk_and_write(self.epoch, lprobs, lse, ids, lengths)
             return
-        top_idx, top_p = (None, None) if dummy else self._topk(full_lprobs.detach())
+        top_idx, top_p = (None, None) if dummy else self._topk(full_lprobs.detach(), lse)
         # all_gather: every rank's rows reach every rank; one rank per directory writes them
         all_ids, all_lengths, all_idx, all_p = all_gather_rows(
             ids, lengths, top_idx, top_p, self.store.vocab_size, self.topk)

@@ -126,11 +126,60 @@ def test_alpha_zero_is_label_smoothed_cross_entropy(toy_data_bin, tmp_path):
                      "--save-dir", tmp_path / "ls")
     pk = run_fairseq("train", *common, "--criterion", "pskd_label_smoothed_cross_entropy",
                      "--pskd-alpha", 0, "--save-dir", tmp_path / "pk")
+    assert "--pskd-alpha 0: label_smoothed_cross_entropy's own function" in pk.stdout
     for kind in ("train", "valid"):
         a, b = epoch_stats(ls.stdout, kind), epoch_stats(pk.stdout, kind)
         assert sorted(a) == sorted(b) == [1, 2]
         for e in a:
             assert a[e]["loss"] == b[e]["loss"] and a[e]["nll_loss"] == b[e]["nll_loss"], (kind, e)
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_loss_from_logits_trains_as_the_log_softmax_path(uninterrupted, toy_data_bin, tmp_path, prefix):
+    """The default (--pskd-loss auto: the one-pass loss from the logits on this model) and the
+    log-softmax path give the same training losses, epoch by epoch, over 4 epochs (priors from
+    epoch 2 on), also with --ignore-prefix-size."""
+    runs = {}
+    for path in ("auto", "log_softmax"):
+        if path == "auto" and prefix == 0:
+            runs[path] = uninterrupted[1]
+            continue
+        extra = ["--pskd-loss", path] + (["--ignore-prefix-size", str(prefix)] if prefix else [])
+        runs[path] = run_fairseq("train", *pskd_args(toy_data_bin, tmp_path / path, 4, *extra)).stdout
+    assert "PS-KD loss: from the decoder's logits in one pass (--pskd-loss auto)" in runs["auto"]
+    assert "PS-KD loss: from get_normalized_probs (--pskd-loss log_softmax)" in runs["log_softmax"]
+    new, old = epoch_stats(runs["auto"]), epoch_stats(runs["log_softmax"])
+    assert sorted(new) == sorted(old) == [1, 2, 3, 4]
+    for epoch in new:
+        for key in ("loss", "nll_loss", "pskd_coverage", "pskd_topk_mass"):
+            if key in old[epoch]:
+                assert new[epoch][key] == pytest.approx(old[epoch][key], abs=1e-4), (epoch, key)
+    assert new[4]["pskd_coverage"] == 1
+
+
+def test_adaptive_softmax_takes_the_log_softmax_path(toy_data_bin, tmp_path):
+    """An adaptive softmax (--adaptive-softmax-cutoff): its output is not one logit per word, so
+    --pskd-loss auto takes get_normalized_probs, said once, and --pskd-loss logits is refused.
+    fairseq 0.12's adaptive softmax then fails in the backward pass with any criterion that
+    trains on get_normalized_probs (its get_log_prob adds in place to a log_softmax output, which
+    torch's autograd refuses): label_smoothed_cross_entropy fails the same way, shown here, so
+    PS-KD behaves as the criterion it replaces (fairseq trains adaptive softmax with
+    --criterion adaptive_loss)."""
+    arch = [a for a in TINY_ARCH if a != "--share-all-embeddings"]
+    common = [toy_data_bin, "--user-dir", USER_DIR, *arch, *TINY_TRAIN, "--label-smoothing", "0.1",
+              "--adaptive-softmax-cutoff", "20", "--max-epoch", 2]
+    pskd = ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4"]
+    inplace = "modified by an inplace operation"
+    proc = run_fairseq("train", *common, *pskd, "--save-dir", tmp_path / "auto", check=False)
+    assert proc.stdout.count("PS-KD loss: from TransformerModel.get_normalized_probs (an adaptive softmax") == 1
+    ls = run_fairseq("train", *common, "--criterion", "label_smoothed_cross_entropy",
+                     "--save-dir", tmp_path / "ls", check=False)
+    assert ls.returncode != 0 and inplace in ls.stdout
+    assert proc.returncode != 0 and inplace in proc.stdout
+    refused = run_fairseq("train", *common, *pskd, "--pskd-loss", "logits", "--save-dir", tmp_path / "logits",
+                          check=False)
+    assert refused.returncode != 0
+    assert "--pskd-loss logits needs a model whose normalized probabilities" in refused.stdout
 
 
 def test_store_from_another_dataset_is_refused(uninterrupted, tmp_path):

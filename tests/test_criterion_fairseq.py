@@ -344,3 +344,45 @@ def test_a_training_forward_outside_train_step_is_refused(toy_data_bin, tmp_path
     with pytest.raises(RuntimeError, match="did not come through task.train_step"):
         crit(model, batches(task)[0])
     crit.close()
+
+
+def test_a_model_with_its_own_normalization_keeps_the_log_softmax_path(toy_data_bin, tmp_path, caplog):
+    """--pskd-loss auto takes the loss from the logits only when get_normalized_probs is their
+    log_softmax (checked by value on the first batch): a model that normalizes its own way (here
+    a temperature) trains on get_normalized_probs, as label_smoothed_cross_entropy would, with
+    the top-k stored from those probabilities; --pskd-loss logits is refused for it."""
+    import logging
+
+    def temperature(net_output, log_probs, sample=None):
+        return torch.log_softmax(net_output[0].float() / 2.0, -1)
+
+    for path, own, expect in (("auto", True, False), ("auto", False, True), ("logits", True, None)):
+        task, model, crit = build(toy_data_bin, tmp_path / f"{path}-{own}", "--pskd-alpha", "0.8",
+                                  "--pskd-topk", "4", "--pskd-loss", path)
+        if own:
+            model.get_normalized_probs = temperature
+        model.train()
+        task.begin_epoch(1, model)
+        sample = batches(task)[0]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fairseq_pskd.criterion"):
+            if expect is None:
+                with pytest.raises(ValueError, match="--pskd-loss logits needs a model whose normalized"):
+                    task.train_step(sample, model, crit, BackwardOnly(), update_num=0)
+                crit.close()
+                continue
+            task.train_step(sample, model, crit, BackwardOnly(), update_num=0)
+        assert crit._from_logits is expect
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("PS-KD loss:")]
+        assert len(said) == 1 and ("get_normalized_probs" in said[0]) is own
+        # the stored top-k: of get_normalized_probs (the temperature's) when it is not log_softmax
+        crit.flush()
+        lengths = sample["target"].ne(1).sum(1)
+        _, p, has = crit.store.read(2, sample["id"].numpy(), lengths.numpy())
+        assert has.all()
+        with torch.no_grad():  # dropout 0: the model of the training step, before its update
+            net_output = model(**sample["net_input"])
+        top = (temperature(net_output, True) if own else torch.log_softmax(net_output[0], -1)).topk(4, -1)[0].exp()
+        first = int(lengths[0])
+        assert torch.allclose(p[0, :first], top[0, :first].half().float(), atol=1e-3)
+        crit.close()
