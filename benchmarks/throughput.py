@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py --data-bin DATA_BIN [--topk 1 8 32] [--rounds 3]
         [--steps 40] [--warmup 5] [--fp16] [--cpu] [--threads N] [--inline-topk]
-        [--remainder uniform current] [--json OUT]
+        [--remainder uniform current] [--loss-path auto log_softmax] [--json OUT]
 
 Each measurement is a fresh process that builds the same model (same seed) with fairseq's own
 Trainer, runs `--warmup` untimed updates and then `--steps` timed updates on the training set
@@ -15,7 +15,8 @@ configurations alternate within each round (baseline, pskd k=..., then reversed)
 noisy machine slows them alike; each ratio is the median of the per-round ratios.
 --inline-topk (CPU) adds, for each k, a run with the top-k on the training thread instead of
 the criterion's helper thread. --remainder measures each k with each --pskd-remainder mode
-(default: uniform only). PS-KD is measured in epoch 2, where it reads priors and writes
+(default: uniform only), --loss-path with each --pskd-loss (default: auto, the one-pass loss
+from the logits on this model; log_softmax is the loss from get_normalized_probs). PS-KD is measured in epoch 2, where it reads priors and writes
 new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
 values written straight into the store), so every read finds one and does the full gather,
 transfer and soft-target loss, as in a real run.
@@ -60,7 +61,7 @@ def worker(args):
         k = abs(args.topk)  # negative: the same k with the top-k on the training thread (CPU)
         crit = (["--criterion", "label_smoothed_cross_entropy"] if k == 0 else
                 ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", str(k),
-                 "--pskd-remainder", args.remainder_one])
+                 "--pskd-remainder", args.remainder_one, "--pskd-loss", args.loss_path_one])
         device = ["--fp16"] if args.fp16 else (["--cpu"] if args.cpu else [])
         parser = options.get_training_parser()
         targs = options.parse_args_and_arch(parser, [
@@ -204,23 +205,27 @@ def fill_priors(store, epoch, chunk=2048):
 
 
 def config_name(config):
-    k, remainder = config
+    k, remainder, path = config
     if k == 0:
         return "baseline"
     name = f"pskd k={abs(k)}" + ("" if remainder == "uniform" else f" {remainder}")
-    return name + (" inline" if k < 0 else "")
+    return name + ("" if path == "auto" else f" {path}") + (" inline" if k < 0 else "")
 
 
 def config_key(config):
-    """JSON key of a configuration: k (uniform remainder), or k/remainder."""
-    k, remainder = config
-    return str(k) if k == 0 or remainder == "uniform" else f"{k}/{remainder}"
+    """JSON key of a configuration: k (uniform remainder, --pskd-loss auto), k/remainder[/path]."""
+    k, remainder, path = config
+    if k == 0:
+        return "0"
+    return "/".join([str(k)] + ([remainder] if remainder != "uniform" or path != "auto" else [])
+                    + ([path] if path != "auto" else []))
 
 
 def measure(args, config):
-    topk, remainder = config
+    topk, remainder, path = config
     cmd = [sys.executable, __file__, "--_worker", "--data-bin", args.data_bin, "--topk-one", str(topk),
-           "--remainder-one", remainder, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+           "--remainder-one", remainder, "--loss-path-one", path,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--fp16"] if args.fp16 else []
     cmd += ["--cpu"] if args.cpu else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -248,21 +253,26 @@ def main():
                    choices=["uniform", "current", "renormalize"],
                    help="--pskd-remainder modes to measure for each k (default: uniform, the "
                         "cheapest; the criterion's default is current)")
+    p.add_argument("--loss-path", nargs="+", default=["auto"], choices=["auto", "logits", "log_softmax"],
+                   help="--pskd-loss values to measure for each k and remainder (default: auto)")
     p.add_argument("--inline-topk", action="store_true",
                    help="CPU: also measure each k with the top-k on the training thread instead of "
                         "the criterion's helper thread (what the helper saves)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--topk-one", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--remainder-one", default="uniform", help=argparse.SUPPRESS)
+    p.add_argument("--loss-path-one", default="auto", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help="-- then extra fairseq-train arguments")
     args = p.parse_args()
     if args._worker:
         args.topk = args.topk_one
         return worker(args)
 
-    # (k, remainder); k = 0: baseline; -k: k with the CPU top-k on the training thread (--inline-topk)
-    configs = [(0, "uniform"), *[(k, rem) for k in args.topk for rem in args.remainder],
-               *([(-k, args.remainder[0]) for k in args.topk] if args.inline_topk else [])]
+    # (k, remainder, --pskd-loss); k = 0: baseline; -k: k with the CPU top-k on the training
+    # thread (--inline-topk)
+    configs = [(0, "uniform", "auto"),
+               *[(k, rem, path) for k in args.topk for rem in args.remainder for path in args.loss_path],
+               *([(-k, args.remainder[0], args.loss_path[0]) for k in args.topk] if args.inline_topk else [])]
     base = configs[0]
     runs = {c: [] for c in configs}
     for r in range(args.rounds):
@@ -291,6 +301,7 @@ def main():
     summary = []
     for c in configs:
         row = {"config": config_name(c), "topk": c[0], "remainder": c[1] if c != base else None,
+               "loss_path": c[2] if c != base else None,
                "wps": med(c, "wps"), "peak_rss_mb": med(c, "peak_rss_mb")}
         if c != base:
             row["ratio_wps"] = ratio(c, "wps")

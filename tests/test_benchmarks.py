@@ -12,12 +12,14 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
     out = tmp_path / "throughput.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data-bin", str(toy_data_bin),
-         "--topk", "2", "--remainder", "uniform", "current", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
+         "--topk", "2", "--remainder", "uniform", "current",
+         "--loss-path", "auto", "log_softmax", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
          "--json", str(out), "--", "--max-tokens", "100"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "ratio X" in proc.stdout and "pskd k=2 " in proc.stdout and "pskd k=2 current" in proc.stdout
+    assert "pskd k=2 current log_softmax" in proc.stdout  # the loss from get_normalized_probs, beside
     result = json.loads(out.read_text())
     pskd = result["runs"]["2"][0]
     assert pskd["pskd_coverage"] == 1.0  # every timed token was trained against a stored prior
@@ -30,3 +32,4 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
     assert current["pskd_coverage"] == 1.0 and current["loss_ms_per_step"] > 0
     row = next(r for r in result["summary"] if r["remainder"] == "current")
     assert row["ratio_loss"] == current["loss_ms_per_step"] / result["runs"]["0"][0]["loss_ms_per_step"]
+    assert row["loss_path"] == "auto" and result["runs"]["2/current/log_softmax"][0]["pskd_coverage"] == 1.0

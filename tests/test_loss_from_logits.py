@@ -174,3 +174,15 @@ def test_keeps_no_vocabulary_sized_float32_tensor():
     big = [t for t in saved if t.numel() >= 64 * 500]
     assert len(big) == 1 and big[0].dtype == torch.float16 and big[0].data_ptr() == x.data_ptr()
     assert all(t.numel() <= 64 * 8 for t in saved if t is not big[0])
+
+
+@pytest.mark.parametrize("underflow", [False, True])
+def test_the_sync_free_tail_of_the_gpu_path(monkeypatch, underflow):
+    """On a GPU every row's tail is summed from its own maximum (choosing the rows that need it
+    would read back to the host): the same code, run here on the CPU, is exact too."""
+    monkeypatch.setattr(loss_mod, "_sync_free", lambda device: True)
+    logits, target, idx, probs, mask = case(k=3, seed=11)
+    if underflow:
+        logits[:, :] = -60.0
+        logits.scatter_(1, idx, 60.0)
+    check(logits, target, 0.8, 0.1, idx, probs, mask, "current", atol=1e-3)
