@@ -117,7 +117,8 @@ class _TailMeanLogProb(torch.autograd.Function):
         ctx.save_for_backward(lprobs, indices)
         out = lprobs.new_empty(lprobs.size(0))
         for rows, w in _tail_weights(lprobs, indices):
-            out[rows] = torch.bmm(w.unsqueeze(1), lprobs[rows].unsqueeze(2)).view(-1)
+            # in place into w's buffer: a batched matrix-vector product is 6 times slower on CPU
+            out[rows] = w.mul_(lprobs[rows]).sum(-1)
         return out
 
     @staticmethod
@@ -253,7 +254,7 @@ def _tail_from_its_own_max(zs, idx):
     m_t = torch.where(has, m_t, torch.zeros_like(m_t))
     w = t.sub_(m_t).exp_()
     s_t = w.sum(1, keepdim=True)
-    mean_zs = torch.bmm(w.unsqueeze(1), zs.unsqueeze(2)).view(-1, 1) / s_t.clamp_min(1.0)
+    mean_zs = w.mul_(zs).sum(1, keepdim=True) / s_t.clamp_min(1.0)
     log_s_t = torch.where(has, s_t.log(), torch.full_like(s_t, float("-inf")))
     return log_s_t, m_t, torch.where(has, mean_zs, torch.zeros_like(mean_zs))
 
@@ -300,12 +301,15 @@ class _SoftTargetFromLogits(torch.autograd.Function):
                     # the tail's softmax: exp(zs) outside K, normalised before the product
                     e.scatter_(1, idx[rows], 0.0)
                     s_t = e.sum(1, keepdim=True)
-                    mean_zs = torch.bmm(e.unsqueeze(1), zs.unsqueeze(2)).view(-1, 1) / s_t.clamp_min(1e-38)
                     log_s_t = s_t.log()
                     tiny = (s_t < _TINY_TAIL).squeeze(1)
-                    if torch.any(tiny):  # rare: a model all but certain of the stored tokens (CPU: no sync)
-                        redo = tiny.nonzero().squeeze(1)
+                    redo = tiny.nonzero().squeeze(1) if torch.any(tiny) else None  # CPU: no sync
+                    if redo is not None:  # rare: a model all but certain of the stored tokens
                         r_log, r_max, r_mean = _tail_from_its_own_max(zs[redo], idx[rows][redo])
+                    # sum over the tail of exp(zs) * zs, in place (zs is not needed after this;
+                    # a batched matrix-vector product is 6 times slower on CPU)
+                    mean_zs = zs.mul_(e).sum(1, keepdim=True) / s_t.clamp_min(1e-38)
+                    if redo is not None:
                         log_s_t[redo], mean_zs[redo] = r_log + r_max, r_mean
                 if c_left is not None:
                     has_tail = torch.isfinite(log_s_t)

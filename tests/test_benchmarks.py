@@ -33,3 +33,16 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
     row = next(r for r in result["summary"] if r["remainder"] == "current")
     assert row["ratio_loss"] == current["loss_ms_per_step"] / result["runs"]["0"][0]["loss_ms_per_step"]
     assert row["loss_path"] == "auto" and result["runs"]["2/current/log_softmax"][0]["pskd_coverage"] == 1.0
+
+
+def test_loss_benchmark_measures_each_path(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "loss_bench.py"), "--tokens", "64", "--vocab", "50",
+         "--topk", "4", "--rounds", "2", "--dtype", "float16"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("label smoothing", "pskd", "no prior"))]
+    assert len(rows) == 8 and rows[0].split()[-1] == "1.000"
+    assert all(float(line.split()[-1]) > 0 for line in rows)
+    assert "float16 logits on cpu" in proc.stdout
