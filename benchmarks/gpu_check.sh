@@ -13,9 +13,12 @@
 # gpu-check.tgz with every log and result file (no checkpoints), so that a few files carry it
 # all back:
 #   store-cuda.txt      tests/test_store_cuda.py: the store's CUDA write path (one packed
-#                       non-blocking copy, no sync in the caller, rows read back exactly)
-#   throughput-gpu.*    benchmarks/throughput.py --fp16, k = 8 and 32 against label smoothing:
-#                       words/s ratios, peak CUDA memory, syncs caused by the loss
+#                       non-blocking copy, no sync in the caller, rows read back exactly), and
+#                       the loss from the logits on CUDA against the CPU (test_loss_from_logits.py)
+#   loss-gpu.txt        benchmarks/loss_bench.py on CUDA, fp16 logits: the loss alone, fairseq's
+#                       label smoothing against PS-KD on both paths, each remainder
+#   throughput-gpu.*    benchmarks/throughput.py --fp16, k = 8 and 32, each remainder, against
+#                       label smoothing: words/s ratios, peak CUDA memory, syncs caused by the loss
 #   recipe.*            the Multi30k recipe's model (examples/multi30k/run.sh) with --fp16 for
 #                       --epochs epochs, baseline then PS-KD, scored: a short real run
 # Status: the --fetch step and the CPU side have been run, the GPU steps not yet.
@@ -67,12 +70,19 @@ step "environment"
 } 2>&1 | tee "$WORK/environment.txt" || FAIL=1
 
 step "store CUDA path (tests/test_store_cuda.py)"
-python3 -m pytest -q -p no:cacheprovider tests/test_store_cuda.py 2>&1 | tee "$WORK/store-cuda.txt" | tail -3
+python3 -m pytest -q -p no:cacheprovider tests/test_store_cuda.py tests/test_loss_from_logits.py -k "cuda" 2>&1 \
+  | tee "$WORK/store-cuda.txt" | tail -3
+[[ ${PIPESTATUS[0]} == 0 ]] || FAIL=1
+
+step "the loss alone on CUDA, fp16 logits (benchmarks/loss_bench.py)"
+python3 benchmarks/loss_bench.py --device cuda --dtype float16 --tokens 16000 --vocab 32000 --rounds 10 \
+  --threads 0 2>&1 | tee "$WORK/loss-gpu.txt" | grep -v Warning
 [[ ${PIPESTATUS[0]} == 0 ]] || FAIL=1
 
 step "throughput, --fp16, $ROUNDS rounds"
-python3 benchmarks/throughput.py --data-bin "$DATA/data-bin" --topk 8 32 --rounds "$ROUNDS" \
-  --steps 100 --warmup 10 --fp16 --json "$WORK/throughput-gpu.json" 2>&1 | tee "$WORK/throughput-gpu.txt" | grep -v Warning
+python3 benchmarks/throughput.py --data-bin "$DATA/data-bin" --topk 8 32 --remainder uniform current renormalize \
+  --rounds "$ROUNDS" --steps 100 --warmup 10 --fp16 --json "$WORK/throughput-gpu.json" 2>&1 \
+  | tee "$WORK/throughput-gpu.txt" | grep -v Warning
 [[ ${PIPESTATUS[0]} == 0 ]] || FAIL=1
 
 step "recipe: Multi30k, examples/multi30k model, --fp16, $EPOCHS epochs, baseline then PS-KD"
@@ -93,6 +103,6 @@ done
 python3 -m fairseq_pskd.experiment table "$WORK/recipe-baseline/results.json" "$WORK/recipe-pskd/results.json" \
   2>&1 | tee "$WORK/recipe-table.txt" || FAIL=1
 step "done (failures: $FAIL)"
-cp "$WORK"/{environment,store-cuda,throughput-gpu,recipe-table}.txt "$OUT"/ 2>/dev/null
+cp "$WORK"/{environment,store-cuda,loss-gpu,throughput-gpu,recipe-table}.txt "$OUT"/ 2>/dev/null
 tar -czf "$OUT/gpu-check.tgz" -C "$WORK" --exclude=checkpoints --exclude=pskd_store .
 exit $FAIL

@@ -3,7 +3,7 @@ log_softmax(z) against PS-KD's loss on the log_softmax path (loss.pskd_loss) and
 in one pass (loss.pskd_loss_from_logits), each remainder and without priors (epoch 1).
 
     python benchmarks/loss_bench.py [--tokens 3400] [--vocab 7784] [--topk 8] [--rounds 5]
-        [--dtype float32|float16|bfloat16] [--device cpu|cuda] [--threads 1]
+        [--dtype float32|float16|bfloat16] [--device cpu|cuda] [--threads 1] [--block-elements N]
 
 Defaults: one batch of the quickstart's model (about 3,400 target tokens of --max-tokens 4096,
 Multi30k's 7,784-word joint vocabulary). Each configuration runs twice untimed, then --rounds
@@ -27,12 +27,19 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's default)")
+    ap.add_argument("--block-elements", type=int, default=0,
+                    help="rows per block of the one-pass loss, in elements (default: the loss's own)")
     args = ap.parse_args(argv)
 
     import fairseq  # noqa: F401  (registers the plugin's criterion through its import hook)
     from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
+    from fairseq_pskd import loss as loss_module
     from fairseq_pskd.loss import pskd_loss, pskd_loss_from_logits
+
+    if args.block_elements:
+        blocks = loss_module._row_blocks
+        loss_module._row_blocks = lambda z, block_elements=None: blocks(z, args.block_elements)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,7 +91,8 @@ def main(argv=None):
             times[name].append(timed(configs[name]))
     base = times[names[0]]
     print(f"{n} tokens x {vocab} vocabulary, k = {k}, {args.dtype} logits on {dev}, "
-          f"{torch.get_num_threads()} thread(s), {args.rounds} rounds")
+          f"{torch.get_num_threads()} thread(s), {args.rounds} rounds"
+          + (f", blocks of {args.block_elements} elements" if args.block_elements else ""))
     print(f"{'config':<34} {'ms (median)':>12} {'ratio':>7}")
     for name in names:
         ratio = statistics.median(t / b for t, b in zip(times[name], base))

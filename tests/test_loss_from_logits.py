@@ -186,3 +186,17 @@ def test_the_sync_free_tail_of_the_gpu_path(monkeypatch, underflow):
         logits[:, :] = -60.0
         logits.scatter_(1, idx, 60.0)
     check(logits, target, 0.8, 0.1, idx, probs, mask, "current", atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("remainder", ["current", "uniform", "renormalize"])
+def test_on_cuda_as_on_the_cpu(dtype, remainder):
+    """The same function on a GPU (the tail of every row from its own maximum, one block):
+    the loss and gradient of the CPU run, to the dtype's rounding."""
+    logits, target, idx, probs, mask = case(n=300, vocab=1000, k=8, seed=12, dtype=dtype)
+    cpu = fused(logits, target, 0.6, 0.1, idx, probs, mask, remainder)
+    gpu = fused(logits.cuda(), target.cuda(), 0.6, 0.1, idx.cuda(), probs.cuda(), mask.cuda(), remainder)
+    assert float(gpu[0]) == pytest.approx(float(cpu[0]), rel=1e-5)
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert torch.allclose(gpu[1].cpu().float(), cpu[1].float(), atol=ulp)
