@@ -69,6 +69,22 @@ def binarize(raw: Path, dest: Path):
     return dest
 
 
+def make_prepared(root: Path, n_test=24, seed=0):
+    """A toy corpus laid out as scripts/prepare-*.sh writes one (data-bin/, ref/test.tgt,
+    prepare.json), for `experiment run --prepared`; returns (prepared dir, raw dir)."""
+    import json
+    import shutil
+
+    raw = make_toy_corpus(root / "raw", n_train=64, n_valid=8, n_test=n_test, seed=seed)
+    prepared = root / "prepared"
+    binarize(raw, prepared / "data-bin")
+    (prepared / "ref").mkdir()
+    shutil.copy(raw / "test.tgt", prepared / "ref" / "test.tgt")
+    (prepared / "prepare.json").write_text(json.dumps({"corpus": "toy", "src": "src", "tgt": "tgt",
+                                                      "data_bin": "data-bin"}))
+    return prepared, raw
+
+
 @pytest.fixture(scope="session")
 def toy_data_bin(tmp_path_factory):
     """Binarised toy corpus (train/valid/test), built once per test session."""

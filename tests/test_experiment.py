@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, binarize, epoch_stats, make_toy_corpus, needs_multi30k
+from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, epoch_stats, make_prepared, needs_multi30k
 from fairseq_pskd import experiment
 
 
@@ -58,13 +58,7 @@ def test_same_arguments_pass_and_are_recorded(tmp_path):
 def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     """29 test sentences (not a multiple of fairseq's default --required-batch-size-multiple 8,
     which would leave out 5 of them): all 29 are translated, scored and calibrated."""
-    raw = make_toy_corpus(tmp_path / "raw", n_train=64, n_valid=8, n_test=29, seed=3)
-    prepared = tmp_path / "prepared"
-    binarize(raw, prepared / "data-bin")
-    (prepared / "ref").mkdir()
-    shutil.copy(raw / "test.tgt", prepared / "ref" / "test.tgt")
-    (prepared / "prepare.json").write_text(json.dumps({"corpus": "toy", "src": "src", "tgt": "tgt",
-                                                      "data_bin": "data-bin"}))
+    prepared, raw = make_prepared(tmp_path, n_test=29, seed=3)
     out = tmp_path / "run"
     code = experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--beam", "1",
                             "--cpu", "--", *TINY_ARCH, *TINY_TRAIN, "--max-epoch", "1",

@@ -3,9 +3,8 @@ with seconds per epoch from fairseq's wall clock and ETAs of the run and of ever
 recipe; through the real `experiment run` on a toy corpus."""
 import json
 import re
-import shutil
 
-from conftest import TINY_ARCH, TINY_TRAIN, binarize, epoch_stats, make_toy_corpus
+from conftest import TINY_ARCH, TINY_TRAIN, epoch_stats, make_prepared
 from fairseq_pskd import experiment
 from fairseq_pskd.progress import TRAIN_START, EpochProgress, duration, eta
 
@@ -53,13 +52,7 @@ def test_overall_eta_of_two_lanes(tmp_path):
 
 
 def test_experiment_run_prints_a_progress_line_per_epoch(tmp_path, capsys):
-    raw = make_toy_corpus(tmp_path / "raw", n_train=64, n_valid=8, n_test=8, seed=4)
-    prepared = tmp_path / "prepared"
-    binarize(raw, prepared / "data-bin")
-    (prepared / "ref").mkdir()
-    shutil.copy(raw / "test.tgt", prepared / "ref" / "test.tgt")
-    (prepared / "prepare.json").write_text(json.dumps({"corpus": "toy", "src": "src", "tgt": "tgt",
-                                                      "data_bin": "data-bin"}))
+    prepared, raw = make_prepared(tmp_path, n_test=8, seed=4)
     out, progress = tmp_path / "run", tmp_path / "progress.txt"
     assert experiment.main(["run", "--prepared", str(prepared), "--out", str(out), "--beam", "1", "--cpu",
                             "--progress", str(progress), "--name", "toy", "--", *TINY_ARCH, *TINY_TRAIN,
