@@ -220,8 +220,9 @@ def pskd_loss_from_logits(logits, target, alpha, epsilon, prior_indices=None, pr
 
 def _row_blocks(logits, block_elements=None):
     """Row slices of about 1 MB of float32 on CPU, so that the passes over a block run in the
-    core's cache (measured: 0.87 of label smoothing's loss time at k = 8 against 0.99 with 16 MB
-    blocks, 1.08 with 256 KB); 256 MB on CUDA (few kernel launches)."""
+    core's cache (benchmarks/loss_bench.py --block-elements: 0.56 of label smoothing's time at
+    k = 8, against 0.64 with 16 MB blocks and 0.71 with 256 KB; docs/BENCHMARKS.md); 256 MB on
+    CUDA (few kernel launches)."""
     n, vocab = logits.shape
     if block_elements is None:
         block_elements = 1 << 26 if logits.is_cuda else 1 << 18
