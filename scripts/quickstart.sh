@@ -247,5 +247,8 @@ echo
 echo "Multi30k De->En test2016 (detokenised sacreBLEU, beam $BEAM; ECE: 10 equal-width bins, teacher forcing)"
 "$PY" -m fairseq_pskd.experiment table "$WORK/baseline/results.json" "$WORK/pskd/results.json" --paired-bs \
   --reading | tee "$WORK/results.txt"
+if [[ $QUICK == 1 ]]; then
+  echo "(--quick is a smoke run, a tiny model for 2 epochs: the variation above is the 12-epoch main job's, and its scores say nothing about PS-KD)"
+fi
 echo
 echo "[quickstart] done in $(( ($(date +%s) - START) / 60 )) min; curves: $WORK/curves.png, reliability diagrams: $WORK/*/reliability.test.png"
