@@ -41,7 +41,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 if [[ $FETCH == 1 ]]; then
-  # fairseq's runtime needs that the GPU image lacks (its package list: /work/.library/device/KINDS.md);
+  # fairseq's runtime needs that a bare GPU image (Python 3.12 and torch) lacks;
   # the versions are the ones scripts/install.sh installs here. antlr4 4.9.3 exists only as an
   # sdist: built into a pure-Python wheel here.
   set -e
