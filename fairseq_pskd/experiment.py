@@ -446,7 +446,8 @@ COLUMNS = [("run", "{name}"), ("data", "{corpus} {src}->{tgt}"), ("test", "{subs
            ("epochs", "{max_epoch}"), ("lenpen", "{lenpen_shown}"),
            ("BLEU", "{bleu:.2f}"), ("p", "{p}"), ("chrF", "{chrf:.2f}"),
            ("ECE %", "{ece_pct:.2f}"), ("NLL", "{nll:.3f}"), ("AURC x1000", "{aurc_k:.1f}"),
-           ("sent rho", "{sent_rho}"), ("sent AURC x1000", "{sent_aurc}"), ("length", "{length}"), ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
+           ("sent rho", "{sent_rho}"), ("sent AURC x1000", "{sent_aurc}"), ("length", "{length}"),
+           ("valid NLL", "{valid_nll}"), ("train min", "{train_min:.1f}")]
 
 
 def _rows(results_list):
