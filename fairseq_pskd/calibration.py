@@ -197,13 +197,9 @@ def calibration_metrics(confidence, correct, nll_sum=None, n_bins=DEFAULT_BINS):
 def plot_reliability(bins, path, title=None, ece=None):
     """Reliability diagram (per-bin accuracy vs confidence, gap to the diagonal) above a
     histogram of the confidences; ``bins`` as returned by ``reliability_bins``."""
-    import logging
-    # importing fairseq leaves the root logger at DEBUG (its text_to_speech task calls
-    # basicConfig); keep matplotlib's font-search chatter out of the output
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
+    from .plots import pyplot
+
+    plt = pyplot()
 
     edges = np.asarray(bins["edges"], dtype=float)
     counts = np.asarray(bins["counts"], dtype=float)

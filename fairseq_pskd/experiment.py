@@ -91,6 +91,12 @@ def _run(cmd, log_path, env=None, on_line=None):
                               f"(exit {proc.returncode}); last lines of {log_path}:\n{tail}")
 
 
+def _train_args(args):
+    """The fairseq-train arguments given after ``--`` (argparse keeps the ``--``)."""
+    train_args = list(args.train_args)
+    return train_args[1:] if train_args[:1] == ["--"] else train_args
+
+
 def _fresh(output: Path, *inputs: Path) -> bool:
     return output.exists() and all(output.stat().st_mtime >= i.stat().st_mtime for i in inputs)
 
@@ -168,9 +174,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    train_args = list(args.train_args)
-    if train_args and train_args[0] == "--":
-        train_args = train_args[1:]
+    train_args = _train_args(args)
     if not train_args:
         raise ExperimentError("no fairseq-train arguments given (put them after --)")
     _check_same_training(out, ckpt_dir, train_args)
@@ -621,9 +625,7 @@ def updates_per_epoch(args):
 
     prepared = Path(args.prepared).resolve()
     manifest = _read_manifest(prepared)
-    train_args = list(args.train_args)
-    if train_args[:1] == ["--"]:
-        train_args = train_args[1:]
+    train_args = _train_args(args)
     argv = [prepared / manifest.get("data_bin", "data-bin"), "--user-dir", USER_DIR,
             "--source-lang", manifest["src"], "--target-lang", manifest["tgt"], *train_args]
     print(count(argv))

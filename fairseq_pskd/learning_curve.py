@@ -159,12 +159,9 @@ def format_rows(rows, markdown=False):
 
 def plot(rows, out, baseline="baseline", title=None):
     """dBLEU (lenpen chosen on valid), dNLL and dECE against the training-set size."""
-    import logging
+    from .plots import pyplot
 
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("d_bleu_tuned", "dBLEU (lenpen chosen on valid)", 1.0), ("d_nll", "dNLL (nats/token)", 1.0),
               ("d_ece", "dECE (points)", 100.0)]

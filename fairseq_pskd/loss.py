@@ -89,10 +89,10 @@ def _soft_target_loss(lprobs, target, alpha, epsilon, prior_indices, prior_probs
     coef_all = (1.0 - a) * eps_i + a * rest
     picked = lprobs.gather(1, columns)
     # where(), not a product: a zero weight on a -inf log-prob must give 0, not NaN
-    weighted = torch.where(coef != 0, coef * picked, torch.zeros_like(picked)).sum(1)
+    weighted = _nonzero_product(coef, picked).sum(1)
     row_sum = lprobs.sum(-1)
-    weighted = weighted + torch.where(coef_all != 0, coef_all * row_sum, zeros)
-    weighted = weighted + torch.where(a != 0, a * tail, zeros)
+    weighted = weighted + _nonzero_product(coef_all, row_sum)
+    weighted = weighted + _nonzero_product(a, tail)
     return -weighted, -picked[:, 0], topk_mass
 
 

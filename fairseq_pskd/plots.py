@@ -70,6 +70,20 @@ def _parse_json(tag, text):
     return int(epoch), metrics
 
 
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend, matplotlib's own logging at WARNING:
+    importing fairseq leaves the root logger at DEBUG (its text_to_speech task calls
+    basicConfig), and matplotlib's font search would fill the output."""
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def parse_lines(lines):
     """Like ``parse_log`` for an iterable of log lines."""
     out = {}
@@ -129,14 +143,9 @@ def plot_curves(logs, out, labels=None, title=None, first_epoch=1):
     NLL (fairseq's ``nll_loss``, bits per token of the reference) compares runs of different
     criteria; ``loss`` is each criterion's own training objective (PS-KD's is against its soft
     targets), so its train curves compare only runs of one criterion."""
-    import logging
-    # importing fairseq leaves the root logger at DEBUG (its text_to_speech task calls
-    # basicConfig); keep matplotlib's font-search chatter out of the output
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-    import matplotlib
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     parsed = [parse_log(p) if isinstance(p, (str, Path)) else p for p in logs]
     parsed = [{tag: {e: m for e, m in ep.items() if e >= first_epoch} for tag, ep in d.items()}
