@@ -349,6 +349,49 @@ def test_open_other_k_or_vocab(tmp_path, lengths):
         TopKStore.open_or_create(tmp_path / "s", lengths, K, 1008)
 
 
+def test_open_other_dictionary_of_the_same_size(tmp_path, lengths):
+    """The store records its target dictionary's fingerprint: the same symbols in another order
+    (same size) are refused; a store that recorded none (written before it did) takes the first
+    one it is opened for writing with, and refuses others from then on."""
+    symbols = [f"w{i}" for i in range(V)]
+    reordered = [symbols[1], symbols[0], *symbols[2:]]
+    TopKStore.create(tmp_path / "s", lengths, K, V, dictionary=symbols).close()
+    with TopKStore.open(tmp_path / "s", lengths, K, V, dictionary=symbols) as s:
+        assert s.dictionary_fingerprint is not None
+    with pytest.raises(StoreError, match=r"built for another target dictionary: both have 1000 symbols, but in "
+                                         r"another order or with other words.*delete"):
+        TopKStore.open_or_create(tmp_path / "s", lengths, K, V, dictionary=reordered)
+    with pytest.raises(StoreError, match=r"dictionary has 999 symbols but vocab_size=1000"):
+        TopKStore.open(tmp_path / "s", lengths, K, V, dictionary=symbols[:-1])
+
+    TopKStore.create(tmp_path / "old", lengths, K, V).close()  # no dictionary recorded
+    with TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=reordered) as s:
+        assert s.dictionary_fingerprint is not None
+    with pytest.raises(StoreError, match=r"another target dictionary"):
+        TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=symbols)
+
+
+def test_run_save_dir_newest_epoch_and_overwritten_rows(tmp_path, lengths):
+    """What a resume needs to know: whose priors (run id, save dir), up to which epoch, and how
+    many of an epoch's rows a later epoch overwrote (epoch 4 writes the buffer epoch 2 wrote)."""
+    with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
+        assert s.newest_epoch() is None and s.run_save_dir is None
+        s.reset(run_id="a" * 32, save_dir="/runs/a")
+        assert (s.run_id, s.run_save_dir) == ("a" * 32, "/runs/a")
+        every = np.arange(len(lengths))
+        for epoch, ids in ((1, every), (2, every), (3, every), (4, every[:10])):
+            s.write(epoch, ids, lengths[ids], *make_batch(lengths, ids))
+            s.end_epoch(epoch)
+        assert s.newest_epoch() == 4
+        assert s.sentences_overwritten(2) == 10 and s.sentences_written(2) == len(lengths) - 10
+        assert s.sentences_overwritten(3) == 0 and s.sentences_overwritten(4) == 0
+        s.set_run_id("b" * 32, save_dir="/runs/b")
+    summary = json.loads(subprocess.run([sys.executable, "-m", "fairseq_pskd.store", "inspect", str(tmp_path / "s")],
+                                        stdout=subprocess.PIPE, text=True, check=True).stdout)
+    assert (summary["run_id"], summary["run_save_dir"]) == ("b" * 32, "/runs/b")
+    assert "dictionary_fingerprint" in summary
+
+
 @pytest.mark.parametrize("name", ["probs.1.bin", "indices.0.bin", "stamps.0.bin"])
 def test_truncated_or_missing_file(tmp_path, lengths, name):
     TopKStore.create(tmp_path / "s", lengths, K, V).close()

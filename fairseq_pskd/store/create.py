@@ -13,7 +13,7 @@ import numpy as np
 from .errors import StoreError
 from .format import (_HEADER_BYTES, _HEADER_TMP_SUFFIX, _HINT_DIR, HEADER_NAME, LENGTH_DTYPE, LENGTHS_NAME,
                      _array_files, _human, _lengths_file_bytes, _looks_like_store, _new_header,
-                     _store_file_names, _write_json_atomic)
+                     _not_a_directory, _store_file_names, _write_json_atomic)
 from .lock import _StoreLock
 
 
@@ -37,6 +37,8 @@ def _check_writable_dir(path: str) -> None:
 
 def _check_can_create(path: str) -> None:
     """Refuse a directory that holds a store or files that are not the store's."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(_not_a_directory(path))
     if os.path.exists(os.path.join(path, HEADER_NAME)) and _looks_like_store(path):
         raise StoreError(f"{path} already holds a PS-KD store; open it with TopKStore.open / open_or_create, or " + _HINT_DIR.format(path=path))
     if os.path.isdir(path):
@@ -79,7 +81,8 @@ def _preallocate(fd: int, size: int) -> None:
 
 
 def _create_files(path: str, lengths: np.ndarray, topk: int, vocab_size: int,
-                  held: Optional[_StoreLock], made_dir: bool) -> Tuple[Dict[str, Any], np.ndarray]:
+                  held: Optional[_StoreLock], made_dir: bool,
+                  dictionary_fp: Optional[str] = None) -> Tuple[Dict[str, Any], np.ndarray]:
     """Write a new store's files into ``path`` (which exists and, with ``held``, is locked by this
     process); returns its header and its memory-mapped lengths. On failure, removes what it made:
     the files, the lock file if ``held`` created it, the directory if ``made_dir``."""
@@ -140,7 +143,7 @@ def _create_files(path: str, lengths: np.ndarray, topk: int, vocab_size: int,
             np.save(f, lengths.astype(LENGTH_DTYPE, copy=False), allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        header = _new_header(lengths, topk, vocab_size)
+        header = _new_header(lengths, topk, vocab_size, dictionary_fp)
         hp = os.path.join(path, HEADER_NAME)
         created.append(hp)
         _write_json_atomic(hp, header)  # last: its presence means the store is complete

@@ -4,7 +4,8 @@ the header (docs/STORE.md, "On-disk format").
 The layout follows fairseq's ``MMapIndexedDataset``: a small header, typed flat arrays, and
 per-sentence offsets computed from the sizes at open time. One directory holds::
 
-    header.json        format_version, shape, dtypes, lengths fingerprint, buffer epochs
+    header.json        format_version, shape, dtypes, lengths and dictionary fingerprints,
+                       buffer epochs, the run whose priors it holds (id, save dir)
     lengths.npy        int32 (num_sentences,)  target length of each sentence (incl. eos)
     indices.{0,1}.bin  uint16|int32 (num_tokens, k)  top-k vocab ids, one row per token
     probs.{0,1}.bin    float16 (num_tokens, k)       top-k probabilities
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -116,6 +117,11 @@ def _not_a_store(path: str) -> str:
             f"store's directory (--pskd-store-dir; by default SAVE_DIR/pskd_store)")
 
 
+def _not_a_directory(path: str) -> str:
+    return (f"{path} is a file, not a directory: --pskd-store-dir names a directory (made if missing) that holds "
+            f"the store's files; pass another path")
+
+
 def _delete_hint(path: str) -> str:
     """What to do about a store that cannot be used: delete it, but only if it is one."""
     if _looks_like_store(path):
@@ -145,13 +151,21 @@ def _fingerprint(lengths: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def dictionary_fingerprint(symbols) -> str:
+    """sha256 over the target dictionary's symbols in their order (what a stored index means):
+    a dictionary of the same size in another order, or with other words, has another one."""
+    return hashlib.sha256(json.dumps([str(s) for s in symbols], ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
 def _empty_buffers() -> List[Dict[str, Any]]:
     """The header's ``buffers`` of a store that holds no prior."""
     return [{"epoch": None, "sentences_written": 0}, {"epoch": None, "sentences_written": 0}]
 
 
-def _new_header(lengths: np.ndarray, topk: int, vocab_size: int) -> Dict[str, Any]:
-    """The header of a new store for the training set's target ``lengths``."""
+def _new_header(lengths: np.ndarray, topk: int, vocab_size: int,
+                dictionary_fp: Optional[str] = None) -> Dict[str, Any]:
+    """The header of a new store for the training set's target ``lengths`` (and, when known, the
+    fingerprint of the target dictionary its indices name)."""
     return {
         "format_version": FORMAT_VERSION,
         "num_sentences": int(lengths.size),
@@ -163,7 +177,9 @@ def _new_header(lengths: np.ndarray, topk: int, vocab_size: int) -> Dict[str, An
         "stamp_dtype": STAMP_DTYPE.name,
         "lengths_fingerprint": _fingerprint(lengths),
         "buffers": _empty_buffers(),
+        "dictionary_fingerprint": dictionary_fp,
         "run_id": None,
+        "run_save_dir": None,
     }
 
 
@@ -185,9 +201,10 @@ def _check_header(header: Any, hp: str, hint: str) -> Dict[str, Any]:
     bufs = header.get("buffers")
     if not (isinstance(bufs, list) and len(bufs) == 2 and all(isinstance(b, dict) for b in bufs)):
         raise StoreError(f"{hp} is corrupt: 'buffers' must be a list of two objects; " + hint)
-    # optional: stores written before run identities have none (read as None)
-    if not isinstance(header.get("run_id"), (str, type(None))):
-        raise StoreError(f"{hp} is corrupt: run_id = {header.get('run_id')!r} is not a string; " + hint)
+    # optional: stores written before these keys existed have none (read as None)
+    for key in ("run_id", "run_save_dir", "dictionary_fingerprint"):
+        if not isinstance(header.get(key), (str, type(None))):
+            raise StoreError(f"{hp} is corrupt: {key} = {header.get(key)!r} is not a string; " + hint)
     return header
 
 

@@ -79,9 +79,9 @@ def _check_epoch(epoch) -> int:
     return int(epoch)
 
 
-def _checked_run_id(run_id) -> Optional[str]:
+def _checked_run_id(run_id, name: str = "run_id") -> Optional[str]:
     if run_id is not None and not isinstance(run_id, str):
-        raise StoreError(f"run_id must be a string or None, got {run_id!r}")
+        raise StoreError(f"{name} must be a string or None, got {run_id!r}")
     return run_id
 
 

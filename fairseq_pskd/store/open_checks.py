@@ -5,33 +5,38 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from .errors import StoreError
 from .format import (_HINT_DIR, HEADER_NAME, LENGTHS_NAME, _array_files, _check_header, _delete_hint, _fingerprint,
-                     _looks_like_store, _not_a_store)
+                     _looks_like_store, _not_a_directory, _not_a_store)
 from .inputs import _checked_lengths
 
 
 def _check_openable(path: str, readonly: bool) -> None:
     """Refuse what is not a store before anything is locked or read: a missing directory, one
     without a header (an interrupted creation, or not a store at all), or an unwritable one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise StoreError(_not_a_directory(path))
     if not os.path.isdir(path):
-        raise StoreError(f"no PS-KD store at {path}: the directory does not exist; create one with TopKStore.create / open_or_create or pass the right --pskd-store-dir")
+        raise StoreError(f"no PS-KD store at {path}: the directory does not exist; pass the store's directory (--pskd-store-dir; by default SAVE_DIR/pskd_store)")
     hp = os.path.join(path, HEADER_NAME)
     if not os.path.exists(hp):
         if _looks_like_store(path):
             raise StoreError(f"{path} has no {HEADER_NAME}: its creation was interrupted; " + _HINT_DIR.format(path=path))
         raise StoreError(_not_a_store(path))
     if not readonly and not os.access(path, os.W_OK):
-        raise StoreError(f"the PS-KD store at {path} is not writable; fix permissions, open it with readonly=True, or pass another --pskd-store-dir")
+        raise StoreError(f"the PS-KD store at {path} is not writable by this user; fix the directory's permissions or pass another --pskd-store-dir")
 
 
-def _read_checked(path: str, target_lengths, topk, vocab_size) -> Tuple[Dict[str, Any], np.ndarray]:
+def _read_checked(path: str, target_lengths, topk, vocab_size,
+                  dictionary_fp: Optional[str] = None) -> Tuple[Dict[str, Any], np.ndarray]:
     """The header and the memory-mapped lengths of the store in ``path``, once every file checks
-    out; ``target_lengths``, ``topk`` and ``vocab_size``, when not None, must match the store."""
+    out; ``target_lengths``, ``topk``, ``vocab_size`` and ``dictionary_fp`` (the target
+    dictionary's fingerprint), when not None, must match the store (a store that recorded no
+    dictionary, written before it did, matches any)."""
     hint = _delete_hint(path)
     hp = os.path.join(path, HEADER_NAME)
     try:
@@ -78,4 +83,11 @@ def _read_checked(path: str, target_lengths, topk, vocab_size) -> Tuple[Dict[str
         raise StoreError(f"the PS-KD store at {path} keeps topk={header['topk']} but topk={int(topk)} was requested; use topk={header['topk']} or " + hint)
     if vocab_size is not None and int(vocab_size) != header["vocab_size"]:
         raise StoreError(f"the PS-KD store at {path} was built for vocab_size={header['vocab_size']} but vocab_size={int(vocab_size)} was requested (another dictionary?); " + hint)
+    recorded = header.get("dictionary_fingerprint")
+    if dictionary_fp is not None and recorded is not None and dictionary_fp != recorded:
+        raise StoreError(
+            f"the PS-KD store at {path} was built for another target dictionary: both have "
+            f"{header['vocab_size']} symbols, but in another order or with other words (dictionary fingerprint "
+            f"{recorded[:12]}... in the store, {dictionary_fp[:12]}... given), so its stored indices would "
+            f"name other words (was the data binarized again?); " + hint)
     return header, stored

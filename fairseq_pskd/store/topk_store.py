@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .create import _check_can_create, _check_writable_dir, _create_files, _make_dir
 from .errors import StoreError
-from .format import FORMAT_VERSION, HEADER_NAME, _empty_buffers, _looks_like_store, _write_json_atomic, estimate_bytes
+from .format import (FORMAT_VERSION, HEADER_NAME, _empty_buffers, _looks_like_store, _write_json_atomic,
+                     dictionary_fingerprint, estimate_bytes)
 from .inputs import (_as_numpy_1d_int, _check_device_ids, _check_epoch, _check_k_vocab, _check_topk_tensors,
                      _checked_lengths, _checked_run_id)
 from .lock import _lock_or_undo, _StoreLock
@@ -54,7 +55,7 @@ class TopKStore:
 
     @classmethod
     def create(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
-               owner: Optional[str] = None) -> "TopKStore":
+               owner: Optional[str] = None, dictionary: Optional[Sequence[str]] = None) -> "TopKStore":
         """Create a new store in ``path`` (made if missing; must not already hold a store).
 
         Every array file is preallocated to its full size with ``posix_fallocate`` so that a
@@ -63,16 +64,19 @@ class TopKStore:
 
         ``lock``: hold the directory's ownership lock while the store is open (see :meth:`open`);
         ``owner`` is a short description of the user (e.g. its save dir) recorded with it.
+        ``dictionary``: the target dictionary's symbols in order (what the stored indices name);
+        its fingerprint is recorded, and a later :meth:`open` with another one is refused.
         """
         path = os.path.abspath(os.fspath(path))
         lengths = _checked_lengths(target_lengths)
         topk, vocab_size = _check_k_vocab(topk, vocab_size)
+        dictionary_fp = _dictionary_fp(dictionary, vocab_size)
         _check_can_create(path)
         made_dir = _make_dir(path)
         _check_writable_dir(path)
         held = _lock_or_undo(path, owner, made_dir) if lock else None
         try:
-            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir)
+            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir, dictionary_fp)
         except BaseException:
             if held is not None:
                 held.release()
@@ -80,18 +84,22 @@ class TopKStore:
 
     @classmethod
     def _create_locked(cls, path: str, lengths: np.ndarray, topk: int, vocab_size: int,
-                       held: Optional[_StoreLock], made_dir: bool) -> "TopKStore":
+                       held: Optional[_StoreLock], made_dir: bool,
+                       dictionary_fp: Optional[str] = None) -> "TopKStore":
         """create() once the directory exists and (with ``held``) is locked by this process."""
         _check_can_create(path)  # again, under the lock: another process may have created one
-        header, stored = _create_files(path, lengths, topk, vocab_size, held, made_dir)
+        header, stored = _create_files(path, lengths, topk, vocab_size, held, made_dir, dictionary_fp)
         return cls(path, header, stored, readonly=False, lock=held)
 
     @classmethod
     def open(cls, path, target_lengths=None, topk: Optional[int] = None, vocab_size: Optional[int] = None, readonly: bool = False,
-             lock: bool = True, owner: Optional[str] = None, _held: Optional[_StoreLock] = None) -> "TopKStore":
+             lock: bool = True, owner: Optional[str] = None, dictionary: Optional[Sequence[str]] = None,
+             _held: Optional[_StoreLock] = None) -> "TopKStore":
         """Open an existing store, validating header and file sizes.
 
-        ``target_lengths``, ``topk`` and ``vocab_size``, when given, must match the store.
+        ``target_lengths``, ``topk``, ``vocab_size`` and ``dictionary`` (the target dictionary's
+        symbols in order), when given, must match the store. A store written before stores
+        recorded their dictionary records this one when opened for writing.
 
         Opened for writing with ``lock`` (the default), the store is locked against every other
         process until it is closed (an exclusive ``flock`` on ``DIR/lock``; the kernel drops it when
@@ -106,7 +114,8 @@ class TopKStore:
         if held is None and lock and not readonly:
             held = _StoreLock.acquire(path, owner)  # before reading anything: a writer may be mid-update
         try:
-            store = cls._open_checked(path, target_lengths, topk, vocab_size, readonly, held)
+            store = cls._open_checked(path, target_lengths, topk, vocab_size, readonly, held,
+                                      _dictionary_fp(dictionary, vocab_size))
         except BaseException:
             if held is not None and _held is None:
                 held.release()
@@ -115,16 +124,22 @@ class TopKStore:
 
     @classmethod
     def _open_checked(cls, path: str, target_lengths, topk, vocab_size, readonly: bool,
-                      held: Optional[_StoreLock]) -> "TopKStore":
-        header, stored = _read_checked(path, target_lengths, topk, vocab_size)
+                      held: Optional[_StoreLock], dictionary_fp: Optional[str] = None) -> "TopKStore":
+        header, stored = _read_checked(path, target_lengths, topk, vocab_size, dictionary_fp)
         try:
-            return cls(path, header, stored, readonly=readonly, lock=held)
+            store = cls(path, header, stored, readonly=readonly, lock=held)
         except PermissionError as e:
-            raise StoreError(f"cannot open the PS-KD store at {path} for writing: {e.strerror or e}; fix permissions, open it with readonly=True, or pass another --pskd-store-dir") from e
+            raise StoreError(
+                f"cannot open the PS-KD store at {path} for writing: {e.strerror or e} ({e.filename or path}). "
+                f"Make its files writable by this user (a file marked immutable needs `chattr -i`), or pass "
+                f"another --pskd-store-dir") from e
+        if dictionary_fp is not None and header.get("dictionary_fingerprint") is None and not readonly:
+            store._write_header(dict(header, dictionary_fingerprint=dictionary_fp))
+        return store
 
     @classmethod
     def open_or_create(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
-                       owner: Optional[str] = None) -> "TopKStore":
+                       owner: Optional[str] = None, dictionary: Optional[Sequence[str]] = None) -> "TopKStore":
         """Open the store in ``path`` if it has one (it must match), else create it.
 
         With ``lock``, the directory is locked first, so two processes that start at once do not
@@ -133,19 +148,22 @@ class TopKStore:
         path = os.path.abspath(os.fspath(path))
         if not lock:
             if os.path.exists(os.path.join(path, HEADER_NAME)):
-                return cls.open(path, target_lengths=target_lengths, topk=topk, vocab_size=vocab_size, lock=False)
-            return cls.create(path, target_lengths, topk, vocab_size, lock=False)
+                return cls.open(path, target_lengths=target_lengths, topk=topk, vocab_size=vocab_size, lock=False,
+                                dictionary=dictionary)
+            return cls.create(path, target_lengths, topk, vocab_size, lock=False, dictionary=dictionary)
         lengths = _checked_lengths(target_lengths)  # before anything is made on disk
         topk, vocab_size = _check_k_vocab(topk, vocab_size)
+        dictionary_fp = _dictionary_fp(dictionary, vocab_size)
         if not (os.path.exists(os.path.join(path, HEADER_NAME)) and _looks_like_store(path)):
             _check_can_create(path)  # a foreign directory gets no lock file
         made_dir = _make_dir(path)
         held = _lock_or_undo(path, owner, made_dir)
         try:
             if os.path.exists(os.path.join(path, HEADER_NAME)):
-                return cls.open(path, target_lengths=lengths, topk=topk, vocab_size=vocab_size, _held=held)
+                return cls.open(path, target_lengths=lengths, topk=topk, vocab_size=vocab_size, dictionary=dictionary,
+                                _held=held)
             _check_writable_dir(path)
-            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir)
+            return cls._create_locked(path, lengths, topk, vocab_size, held, made_dir, dictionary_fp)
         except BaseException:
             held.release()
             raise
@@ -195,6 +213,16 @@ class TopKStore:
         """Identity of the training run whose priors the store holds (None: not recorded), as
         this process last read or wrote the header."""
         return self._header.get("run_id")
+
+    @property
+    def run_save_dir(self) -> Optional[str]:
+        """The save dir of the training run whose priors the store holds (None: not recorded)."""
+        return self._header.get("run_save_dir")
+
+    @property
+    def dictionary_fingerprint(self) -> Optional[str]:
+        """Fingerprint of the target dictionary the stored indices name (None: not recorded)."""
+        return self._header.get("dictionary_fingerprint")
 
     @property
     def locked(self) -> bool:
@@ -349,10 +377,10 @@ class TopKStore:
         header["buffers"] = bufs
         self._write_header(header)
 
-    def reset(self, run_id: Optional[str] = None) -> None:
+    def reset(self, run_id: Optional[str] = None, save_dir: Optional[str] = None) -> None:
         """Forget every stored prior (zero all stamps): use when a new training run reuses a store dir.
 
-        ``run_id`` becomes the store's run identity (see :meth:`set_run_id`); None records none."""
+        ``run_id`` and ``save_dir`` become the store's run (see :meth:`set_run_id`); None records none."""
         self._check_open()
         if self._readonly:
             raise StoreError(f"cannot reset the readonly store at {self._path}")
@@ -364,16 +392,19 @@ class TopKStore:
         header = dict(self._header)
         header["buffers"] = _empty_buffers()
         header["run_id"] = _checked_run_id(run_id)
+        header["run_save_dir"] = _checked_run_id(save_dir, "save_dir")
         self._write_header(header)
 
-    def set_run_id(self, run_id: Optional[str]) -> None:
-        """Record which training run the stored priors belong to (the criterion stores a uuid that
-        its checkpoints carry too, and refuses to resume against another run's priors)."""
+    def set_run_id(self, run_id: Optional[str], save_dir: Optional[str] = None) -> None:
+        """Record which training run the stored priors belong to: ``run_id`` (the criterion stores a
+        uuid that its checkpoints carry too, and refuses to resume against another run's priors) and
+        the run's ``save_dir`` (named to another run that finds the store)."""
         self._check_open()
         if self._readonly:
             raise StoreError(f"cannot set the run identity of the readonly store at {self._path}")
         header = dict(self._header)
         header["run_id"] = _checked_run_id(run_id)
+        header["run_save_dir"] = _checked_run_id(save_dir, "save_dir")
         self._write_header(header)
 
     def _write_header(self, header: Dict[str, Any]) -> None:
@@ -390,6 +421,21 @@ class TopKStore:
         self._check_open()
         epoch = _check_epoch(epoch)
         return int(np.count_nonzero(np.asarray(self._core.stamps[epoch % 2]) == epoch))
+
+    def newest_epoch(self) -> Optional[int]:
+        """The latest epoch whose rows the store holds (the highest stamp in either buffer; None: the
+        store holds no prior)."""
+        self._check_open()
+        newest = max(int(np.asarray(self._core.stamps[b]).max()) for b in (0, 1))
+        return newest if newest > 0 else None
+
+    def sentences_overwritten(self, epoch: int) -> int:
+        """How many sentences' rows in buffer ``epoch % 2`` a later epoch has written (stamp >
+        ``epoch``): their epoch-``epoch`` priors are gone, e.g. after a resume from a checkpoint
+        older than the store's newest epoch."""
+        self._check_open()
+        epoch = _check_epoch(epoch)
+        return int(np.count_nonzero(np.asarray(self._core.stamps[epoch % 2]) > epoch))
 
     def close(self) -> None:
         """Flush and release the maps and the writer thread. Idempotent."""
@@ -418,3 +464,14 @@ class TopKStore:
         """What ``inspect`` prints. Buffer epochs and counts come from the stamps (ground truth)."""
         self._check_open()
         return summarize(self._path, self._header, self._core.stamps)
+
+
+def _dictionary_fp(dictionary: Optional[Sequence[str]], vocab_size: Optional[int]) -> Optional[str]:
+    """The fingerprint of ``dictionary`` (the target symbols in order), checked against ``vocab_size``."""
+    if dictionary is None:
+        return None
+    symbols = list(dictionary)
+    if vocab_size is not None and len(symbols) != int(vocab_size):
+        raise StoreError(f"dictionary has {len(symbols)} symbols but vocab_size={int(vocab_size)}; pass the target "
+                         f"dictionary's symbols (len(dictionary) == vocab_size)")
+    return dictionary_fingerprint(symbols)
