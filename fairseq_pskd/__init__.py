@@ -7,8 +7,9 @@ preparation neither), so the command-line tools start fast and work without fair
 are (or already were) imported in the process:
 
 - torch: the checkpoint-loading allow-list for torch >= 2.6 (compat.py);
-- fairseq: the registration of the criterion (``pskd`` / ``pskd_label_smoothed_cross_entropy``)
-  and a clean exit of fairseq-train after an error (compat.py).
+- fairseq: the registration of the criterion (``pskd`` / ``pskd_label_smoothed_cross_entropy``),
+  a clean exit of fairseq-train after an error (compat.py) and atomic copies of checkpoints
+  (checkpoints.py).
 
 The second must not depend on the import order: ``--user-dir`` does not import a package that
 is already imported (e.g. by ``python -m fairseq_pskd.evaluate``), so the registration then runs
@@ -84,10 +85,11 @@ def _install_compat():
 
 
 def _register_criterion():
-    from . import compat
+    from . import checkpoints, compat
 
     compat.install(fairseq_types=True)  # fairseq's own types for data-parallel resume
     compat.stop_data_buffers_at_exit()
+    checkpoints.install_atomic_copy()
     importlib.import_module(__name__ + ".criterion")
 
 
