@@ -28,6 +28,8 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
+from .checkpoints import check_restore_file
+from .distributed import check_store_dir_template
 from .loss import REMAINDERS, pskd_loss, pskd_loss_from_logits
 from .priors import Priors, to_device
 from .task_hooks import TaskHooks, refuse_unservable_data
@@ -100,6 +102,10 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
                           "'auto' the first where the model allows it (said in the log)"},
     )
     save_dir: str = II("checkpoint.save_dir")
+    save_interval: int = II("checkpoint.save_interval")
+    no_save: bool = II("checkpoint.no_save")
+    restore_file: str = II("checkpoint.restore_file")
+    checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
     max_epoch: int = II("optimization.max_epoch")
     max_update: int = II("optimization.max_update")
     train_subset: str = II("dataset.train_subset")
@@ -147,6 +153,10 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             raise ValueError(f"--pskd-loss must be one of {', '.join(LOSS_PATHS)}, got {self.loss_path}")
         self._from_logits = None  # decided at the first training batch, from the model
         refuse_unservable_data(task)
+        if cfg.pskd_store_dir is not None:
+            check_store_dir_template(cfg.pskd_store_dir)
+        # before fairseq loads it: a damaged checkpoint_last.pt gets the command that repairs it
+        check_restore_file(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "")
         self.priors = Priors(cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store"),
                              self.topk, sync, cfg.save_dir)
         self._train_batch = None  # {"ignore_grad", "update_num"} inside task.train_step
@@ -175,12 +185,28 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
 
     def begin_epoch(self, epoch):
         """Before training epoch ``epoch`` (1-based); every rank, the same epoch."""
-        self.priors.begin_epoch(epoch, self.task.dataset(self.train_subset),
-                                len(self.task.target_dictionary))
+        if self.priors.store is None:
+            self._warn_about_checkpoint_interval()
+        dictionary = self.task.target_dictionary
+        self.priors.begin_epoch(epoch, self.task.dataset(self.train_subset), len(dictionary),
+                                getattr(dictionary, "symbols", None))
         if self.schedule == "epoch":
             logger.info("PS-KD epoch %d: a_t = %.4f", epoch, self.alpha())
         else:  # a_t depends on the update count, which only the epoch's first train_step tells
             self._alpha_log_pending = True
+
+    def _warn_about_checkpoint_interval(self):
+        """--save-interval N > 1: a run killed in an epoch without a checkpoint resumes N-1 or more
+        epochs back, and the store keeps only the last two epochs' priors (docs/STORE.md)."""
+        interval = self.cfg.save_interval or 1
+        if interval > 1 and not self.cfg.no_save:
+            logger.warning(
+                "PS-KD: --save-interval %d saves a checkpoint every %d epochs, but the store keeps the "
+                "priors of the last two epochs only: a run killed in an epoch that follows one without "
+                "a checkpoint resumes from an older one, and the epoch it redoes finds part of its "
+                "priors overwritten (said when it starts; those sentences train against the "
+                "label-smoothed target alone for that epoch). --save-interval 1 avoids it "
+                "(--no-epoch-checkpoints keeps just checkpoint_last.pt)", interval, interval)
 
     def start_train_step(self, sample, update_num, ignore_grad):
         """task.train_step begins: the next forward pass is a training one. ``ignore_grad``

@@ -10,6 +10,7 @@ forward pass including the trainer's dummy batches. Without torch.distributed th
 are the single-process identity (all_gather_rows is only called under data parallelism).
 """
 import os
+import re
 
 import numpy as np
 import torch
@@ -105,8 +106,26 @@ def env_int(*names):
     return None
 
 
+STORE_DIR_PLACEHOLDERS = ("rank", "node", "local_rank")
+
+
+def check_store_dir_template(template):
+    """Refuse an empty --pskd-store-dir and braces other than {rank}, {node} and {local_rank}
+    (a mistyped or formatted placeholder would otherwise be used literally as a directory name)."""
+    if not template.strip():
+        raise ValueError("--pskd-store-dir is empty: pass a directory, or leave the option out for the "
+                         "default SAVE_DIR/pskd_store")
+    unknown = [m.group(0) for m in re.finditer(r"\{[^{}]*\}|[{}]", template)
+               if m.group(0)[1:-1] not in STORE_DIR_PLACEHOLDERS]
+    if unknown:
+        raise ValueError(f"--pskd-store-dir {template}: {unknown[0]} is not a placeholder it fills in; it "
+                         f"fills in {{rank}}, {{node}} and {{local_rank}} only, written exactly so "
+                         f"(e.g. /local/scratch/pskd_{{node}})")
+
+
 def resolve_store_dir(template, rank, node, local_rank):
     """--pskd-store-dir with {rank}, {node} and {local_rank} filled in."""
+    check_store_dir_template(template)
     return os.path.abspath(os.path.expanduser(
         template.replace("{rank}", str(rank)).replace("{node}", str(node))
         .replace("{local_rank}", str(local_rank))))

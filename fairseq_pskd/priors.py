@@ -13,6 +13,7 @@ The criterion (criterion.py) decides when to read and what to do with the priors
 """
 import concurrent.futures
 import logging
+import os
 import uuid
 from typing import Optional
 
@@ -102,9 +103,10 @@ class Priors:
 
     # ---- epochs ----------------------------------------------------------------------------
 
-    def begin_epoch(self, epoch, train_set, vocab_size):
+    def begin_epoch(self, epoch, train_set, vocab_size, dictionary=None):
         """Before training epoch ``epoch`` (1-based): open the store (first call), end the previous
         epoch's writes (flush, barrier, header, summary) or settle the run's identity.
+        ``dictionary``: the target symbols in order (the store refuses another dictionary).
 
         Called by every rank with the same epoch, so the collectives here line up."""
         if self.store is None:
@@ -114,7 +116,7 @@ class Priors:
                     f"PS-KD needs per-sentence target lengths, but the training set "
                     f"({type(train_set).__name__}) has no tgt_sizes; use a translation task")
             opened = open_run_store(self.store_dir, lengths, self.topk, vocab_size, self.sync,
-                                    self.save_dir)
+                                    self.save_dir, dictionary)
             self.store, self.store_dir = opened.store, opened.directory
             self._writes_rows, self._updates_header = opened.writes_rows, opened.updates_header
         # An overflowing forward pass (inf/NaN log-probs, which fairseq skips and goes on) must
@@ -159,50 +161,105 @@ class Priors:
     def _claim_store(self, epoch):
         """This process's first epoch: settle the run's identity and check the store against it.
 
-        Epoch 1 is a new run (or one resumed inside epoch 1): priors left in the directory by an
-        earlier run must not be read as this run's epoch-1 output, so the store is reset and
-        becomes this run's. Forgetting them costs at most a mid-epoch-1 resume some epoch-2 priors
-        (those tokens train against y_ls for one epoch; pskd_coverage shows it).
+        The store must hold this run's priors or none. They are this run's when the checkpoint
+        fairseq restored carries the store's run id. A new run (epoch 1, no checkpoint) also takes
+        over a store an earlier run in the same save dir left: with no checkpoint there, nothing
+        can resume from those priors. Any other store that holds priors is another run's and is
+        refused: resetting it would cost that run its priors, training on it would distil that
+        run's model into this one.
 
-        A later epoch is a resume: the store must hold this run's priors (the identity in the
-        checkpoint equals the store's), else the run stops instead of training on another run's."""
+        Epoch 1 (a new run, or one resumed inside epoch 1) starts from an emptied store: priors of
+        a killed epoch 1 are forgotten, which costs at most some epoch-2 priors (those tokens train
+        against y_ls for one epoch; pskd_coverage shows it)."""
         ckpt = self._checkpoint_run_id
+        error = self._foreign_store_error(epoch, ckpt) if self._updates_header else None
+        raise_on_every_rank(error, "checking the PS-KD store's run")
+        # the same id on every rank: rank 0's
+        self.run_id = all_gather_object(ckpt or uuid.uuid4().hex)[0]
+        if not self._updates_header:
+            if epoch == 1:
+                barrier()  # the other ranks read nothing before the holder has reset the store
+            return
+        store = self.store
         if epoch == 1:
-            # the same id on every rank: rank 0's
-            self.run_id = all_gather_object(ckpt or uuid.uuid4().hex)[0]
-            if self._updates_header:
-                self.store.reset(run_id=self.run_id)
+            newest = store.newest_epoch()
+            if newest is not None and store.run_id != self.run_id:
+                logger.info("PS-KD: the store at %s held priors (up to epoch %d) of an earlier run in this "
+                            "save dir, which left no checkpoint to resume from: they are discarded for this "
+                            "new run", store.path, newest)
+            store.reset(run_id=self.run_id, save_dir=self._run_save_dir)
             barrier()
             return
-        error = None
-        if self._updates_header:
-            theirs = self.store.run_id
-            if ckpt is not None and theirs is not None and theirs != ckpt:
-                error = StoreError(
-                    f"the PS-KD store at {self.store.path} holds the priors of another training run "
-                    f"(run {theirs}), not of the run this checkpoint belongs to (run {ckpt}): another "
-                    f"run used this --pskd-store-dir after this run's last epoch, and training epoch "
-                    f"{epoch} against its priors would distil that run's model into this one. Delete "
-                    f"{self.store.path} (it is only a cache of the last epoch's predictions) or pass "
-                    f"an empty --pskd-store-dir: the resumed epoch {epoch} then trains without priors "
-                    f"(against the label-smoothed target alone) and stores new ones for epoch {epoch + 1}")
-        raise_on_every_rank(error, "checking the PS-KD store's run")
-        self.run_id = all_gather_object(ckpt or self.store.run_id or uuid.uuid4().hex)[0]
-        if not self._updates_header:
-            return
+        if store.run_id != self.run_id or store.run_save_dir != self._run_save_dir:
+            store.set_run_id(self.run_id, save_dir=self._run_save_dir)  # a new store, or a moved save dir
+        self._report_resumed_priors(epoch)
+
+    @property
+    def _run_save_dir(self):
+        return os.path.abspath(self.save_dir) if self.save_dir else None
+
+    def _foreign_store_error(self, epoch, ckpt):
+        """A StoreError if the store holds priors that are not this run's (see _claim_store)."""
+        store = self.store
+        newest = store.newest_epoch()
+        if newest is None or (ckpt is not None and store.run_id == ckpt):
+            return None  # no priors, or this run's
+        theirs = store.run_save_dir
+        same_dir = theirs is not None and self.save_dir and \
+            os.path.realpath(theirs) == os.path.realpath(self.save_dir)
+        if epoch == 1 and ckpt is None and same_dir:
+            return None  # this save dir's run starting over
+        who = (f"run {store.run_id or '(no id recorded)'}" + (f", save dir {theirs}" if theirs else "")
+               + f", priors up to epoch {newest}")
+        discard = (f"Give this run its own --pskd-store-dir, or, if that run's priors are no longer "
+                   f"needed, delete {store.path} (it is only a cache of that run's last epochs' "
+                   f"predictions; that run could then resume only without priors for one epoch)")
+        if epoch == 1 and ckpt is None:
+            return StoreError(
+                f"the PS-KD store at {store.path} holds the priors of another training run ({who}). This "
+                f"new run would reset them, and that run could no longer resume with its priors. " + discard)
         if ckpt is None:
-            logger.warning("PS-KD: %s, so the priors in %s cannot be checked to be this run's; they "
-                           "are used as they are",
-                           "the checkpoint carries no run identity (it was written by an older "
-                           "fairseq-pskd)" if self._checkpoint_loaded else
-                           f"epoch {epoch} starts without a restored checkpoint", self.store.path)
-        if self.store.run_id != self.run_id:  # a new store, or one written before run identities
-            self.store.set_run_id(self.run_id)
-        if self.store.sentences_written(epoch - 1) == 0:
+            how = ("from a checkpoint that carries no PS-KD run identity (it was not written by a PS-KD "
+                   "training run, e.g. a label-smoothing checkpoint given as --restore-file)"
+                   if self._checkpoint_loaded else "without a restored checkpoint")
+            return StoreError(
+                f"this run starts at epoch {epoch} {how}, but the PS-KD store at {store.path} holds the "
+                f"priors of a training run ({who}): they are not this model's predictions, and "
+                f"training against them would distil that run's model into this one. Pass a new "
+                f"--pskd-store-dir: epoch {epoch} then trains against the label-smoothed target alone "
+                f"and stores this model's priors for epoch {epoch + 1}. Or, if that run's priors are no "
+                f"longer needed, delete {store.path}")
+        return StoreError(
+            f"the PS-KD store at {store.path} holds the priors of another training run ({who}), not of "
+            f"the run this checkpoint belongs to (run {ckpt}): another run used this --pskd-store-dir "
+            f"after this run's last epoch, and training epoch {epoch} against its priors would distil "
+            f"that run's model into this one. Delete {store.path} (it is only a cache of the last "
+            f"epochs' predictions) or pass a new --pskd-store-dir: the resumed epoch {epoch} then trains "
+            f"without priors (against the label-smoothed target alone) and stores new ones for epoch "
+            f"{epoch + 1}")
+
+    def _report_resumed_priors(self, epoch):
+        """Say, at the first epoch of a resumed run, how many of the priors it reads it found, and
+        why any that its previous epoch wrote are gone."""
+        store, prev = self.store, epoch - 1
+        found, total = store.sentences_written(prev), store.num_sentences
+        lost = store.sentences_overwritten(prev)
+        if lost:
+            logger.warning(
+                "PS-KD epoch %d (resumed): priors of epoch %d found for %d of %d sentences; %d were "
+                "overwritten by epoch %d of this run, which trained after the checkpoint it resumed "
+                "from (the store keeps the last two epochs). Those sentences train against the "
+                "label-smoothed target alone in this epoch. A checkpoint at every epoch end prevents "
+                "this: keep --save-interval 1 (the default; --no-epoch-checkpoints keeps only "
+                "checkpoint_last.pt)", epoch, prev, found, total, lost, store.newest_epoch())
+        elif found == 0:
             logger.warning("PS-KD epoch %d: the store at %s holds no priors of epoch %d (a new or "
                            "emptied store), so this epoch trains against the label-smoothed target "
                            "alone (pskd_coverage 0) and stores new priors for epoch %d", epoch,
-                           self.store.path, epoch - 1, epoch + 1)
+                           store.path, prev, epoch + 1)
+        else:
+            logger.info("PS-KD epoch %d (resumed): priors of epoch %d found for %d of %d sentences",
+                        epoch, prev, found, total)
 
     def flush(self):
         """Apply every write in flight (before validation and every checkpoint)."""

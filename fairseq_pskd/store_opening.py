@@ -28,15 +28,17 @@ class RunStore:
     updates_header: bool  # this rank creates the store, holds its lock and ends its epochs
 
 
-def open_run_store(template, lengths, topk, vocab, sync, save_dir):
+def open_run_store(template, lengths, topk, vocab, sync, save_dir, dictionary=None):
     """Open this rank's store; ``template`` is --pskd-store-dir, which may hold {rank}, {node}
-    and {local_rank}. Collective under data parallelism (every rank calls it once)."""
+    and {local_rank}; ``dictionary`` the target symbols in order (the store must have been built
+    for them). Collective under data parallelism (every rank calls it once)."""
     rank, world = dist_info()
     # the lock holder's description, shown to a second run that finds the store in use
     holder = f"save dir {save_dir}" + (f", rank {rank} of {world}" if world > 1 else "")
     if world == 1:
         store_dir = resolve_store_dir(template, 0, 0, 0)
-        store = TopKStore.open_or_create(store_dir, lengths, topk, vocab, owner=holder)
+        store = TopKStore.open_or_create(store_dir, lengths, topk, vocab, owner=holder,
+                                         dictionary=dictionary)
         return RunStore(store, store_dir, writes_rows=True, updates_header=True)
 
     infos = all_gather_object({
@@ -75,7 +77,8 @@ def open_run_store(template, lengths, topk, vocab, sync, save_dir):
         for c in creators:
             if c == rank:
                 try:
-                    store = TopKStore.open_or_create(store_dir, lengths, topk, vocab, owner=holder)
+                    store = TopKStore.open_or_create(store_dir, lengths, topk, vocab, owner=holder,
+                                                     dictionary=dictionary)
                 except StoreLockedError as e:
                     mine = [r for r in creators if e.holder and (infos[r]["host"], infos[r]["pid"])
                             == (e.holder.get("host"), e.holder.get("pid"))]
@@ -88,7 +91,7 @@ def open_run_store(template, lengths, topk, vocab, sync, save_dir):
         if owner[rank] != rank:
             try:
                 store = TopKStore.open(store_dir, lengths, topk, vocab, readonly=not writes_rows,
-                                       lock=False)
+                                       lock=False, dictionary=dictionary)
             except Exception as e:
                 error = (f"{type(e).__name__}: {e} (rank {rank} on {infos[rank]['host']} cannot "
                          f"open the store rank {owner[rank]} created at {dirs[owner[rank]]}; "

@@ -39,6 +39,25 @@ def run_fairseq(tool, *args, check=True, env=None, timeout=600):
     return proc
 
 
+def train_until_killed(args, pattern, timeout=300):
+    """fairseq-train ARGS, killed with SIGKILL at the first log line matching ``pattern``;
+    returns (return code, the log up to the kill)."""
+    import re
+    import signal
+
+    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line) or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    return proc.returncode, "".join(seen)
+
+
 def epoch_stats(log, kind="train"):
     """{epoch: {metric: value}} of a fairseq-train log's end-of-epoch summaries of ``kind``
     ("train", "valid"), with the package's own parser (fairseq_pskd.plots)."""

@@ -1,17 +1,15 @@
-"""PS-KD end to end through fairseq-train on CPU (issue 4): the schedule, the coverage, an
+"""PS-KD end to end through fairseq-train on CPU: the schedule, the coverage, an
 abrupt kill during epoch 3 and a resume that reproduces the uninterrupted run, and the
 equivalence with label_smoothed_cross_entropy at --pskd-alpha 0."""
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
+from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq, train_until_killed
 
 
 
@@ -22,22 +20,6 @@ def pskd_args(data_bin, save_dir, max_epoch=4, *extra):
     return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--update-epoch-batch-itr", "True",
             "--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4",
             "--label-smoothing", "0.1", "--max-epoch", max_epoch, "--save-dir", save_dir, *extra]
-
-
-def train_until_killed(args, pattern, timeout=300):
-    """fairseq-train ARGS, killed with SIGKILL at the first log line matching ``pattern``;
-    returns (return code, the log up to the kill)."""
-    cmd = [sys.executable, "-m", "fairseq_cli.train", *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    seen, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line) or time.time() > deadline:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    return proc.returncode, "".join(seen)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +94,8 @@ def test_kill_during_epoch_3_and_resume_reproduces(uninterrupted, toy_data_bin, 
 
     resumed = run_fairseq("train", *pskd_args(toy_data_bin, save))
     assert "Loaded checkpoint" in resumed.stdout
+    # the resumed run says it found its priors
+    assert "PS-KD epoch 3 (resumed): priors of epoch 2 found for 240 of 240 sentences" in resumed.stdout
     again = epoch_stats(resumed.stdout)
     assert sorted(again) == [3, 4]
     for e in (3, 4):

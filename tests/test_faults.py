@@ -431,17 +431,34 @@ def header_run_id(store):
 
 
 def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
-    """Run A trains 2 epochs, run B (a new run) then trains 1 epoch with the same store directory,
-    and A resumes for epoch 3: it stops (exit status 1) instead of training on B's priors, naming
-    the store and what to do. Doing that (deleting the store) resumes A: epoch 3 trains without
-    priors (a warning says so) and stores A's own for epoch 4."""
+    """Run A trains 2 epochs. A new run B given A's store directory stops before training (exit
+    status 1), naming A's save dir and last epoch, and leaves A's priors as they were. Once that
+    store is deleted (what the message says), B trains 1 epoch there; A, resumed for epoch 3, then
+    stops instead of training on B's priors, naming the store and what to do. Doing that (deleting
+    the store again) resumes A: epoch 3 trains without priors (a warning says so) and stores A's
+    own for epoch 4."""
     store = tmp_path / "store"
     run_a = [*train_args(toy_data_bin, tmp_path / "a", 2), "--pskd-store-dir", store]
     run_fairseq("train", *run_a)
     id_a = header_run_id(store)
     ckpt = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert len(id_a) == 32 and ckpt["extra_state"]["train_iterator"]["pskd_run_id"] == id_a
-    run_fairseq("train", *train_args(toy_data_bin, tmp_path / "b", 1), "--pskd-store-dir", store)
+
+    run_b = [*train_args(toy_data_bin, tmp_path / "b", 1), "--pskd-store-dir", store]
+    proc = run_fairseq("train", *run_b, check=False)
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert (f"StoreError: the PS-KD store at {store} holds the priors of another training run (run "
+            f"{id_a}, save dir {tmp_path / 'a'}, priors up to epoch 2). This new run would reset them"
+            ) in proc.stdout, proc.stdout[-4000:]
+    assert f"Give this run its own --pskd-store-dir, or, if that run's priors are no longer needed, delete {store}" \
+        in proc.stdout
+    assert "train_inner" not in proc.stdout
+    assert header_run_id(store) == id_a
+    with TopKStore.open(store, readonly=True) as s:
+        assert s.sentences_written(2) == 240 and s.run_save_dir == str(tmp_path / "a")
+
+    shutil.rmtree(store)  # what the message says
+    run_fairseq("train", *run_b)
     id_b = header_run_id(store)
     assert id_b not in (None, id_a)
 
@@ -451,8 +468,9 @@ def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
     assert "Loaded checkpoint" in log
     assert proc.returncode == 1, log[-4000:]
     assert (f"StoreError: the PS-KD store at {store} holds the priors of another training run (run "
-            f"{id_b}), not of the run this checkpoint belongs to (run {id_a})") in log, log[-4000:]
-    assert f"Delete {store} (it is only a cache" in log and "or pass an empty --pskd-store-dir" in log
+            f"{id_b}, save dir {tmp_path / 'b'}, priors up to epoch 1), not of the run this checkpoint "
+            f"belongs to (run {id_a})") in log, log[-4000:]
+    assert f"Delete {store} (it is only a cache" in log and "or pass a new --pskd-store-dir" in log
     assert "train_inner" not in log.split("Loaded checkpoint")[1]  # no step trained on B's priors
     assert header_run_id(store) == id_b  # B's store left as it was
 
