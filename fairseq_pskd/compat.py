@@ -1,4 +1,5 @@
-"""What stock fairseq 0.12 needs to run on today's torch and Python.
+"""What stock fairseq 0.12 needs to run on today's torch and Python. Every object of fairseq or
+torch the plugin replaces, wraps or writes, these two included: docs/FAIRSEQ_CHANGES.md.
 
 1. Checkpoint loading. torch >= 2.6 loads checkpoints with ``weights_only=True`` by default, and fairseq 0.12
 checkpoints pickle a few non-tensor objects, so ``fairseq-generate``,
@@ -8,7 +9,7 @@ pickled object), we add to torch's allow-list exactly the globals fairseq checkp
 hold. A checkpoint that holds any other object is still refused by torch.
 
 The plugin is imported through ``--user-dir`` before fairseq reads any checkpoint, so
-importing this package is enough; nothing in fairseq is patched.
+importing this package is enough; this point changes torch's allow-list only, not fairseq.
 
 2. A clean exit after an error. fairseq-train collates the next batches on a daemon thread
 (``fairseq.data.iterators.BackgroundConsumer``, the ``--data-buffer-size`` buffer). When an
@@ -16,7 +17,8 @@ error ends training, the interpreter kills that thread at exit wherever it is; i
 C++ code that aborts the process ("terminate called without an active exception", exit status
 134 instead of 1, for any criterion: benchmarks/exit_after_error.py measures it). At exit, before
 the interpreter finalizes, ``stop_data_buffers_at_exit`` lets each such thread finish the batch
-it is on and stop.
+it is on and stop: it writes the thread's private ``_max_len`` and drains its ``_queue`` (the
+names fairseq 0.12's BackgroundConsumer uses).
 """
 import argparse
 import atexit

@@ -31,7 +31,9 @@ def test_data_preparation_imports_neither_torch_nor_fairseq():
 ])
 def test_criterion_is_registered_whatever_the_import_order(order):
     out = run_python(f"{order}\nfrom fairseq.criterions import CRITERION_REGISTRY as R\n"
-                     f"import torch\n"
+                     f"import torch\nfrom fairseq import checkpoint_utils\n"
                      f"print('pskd' in R, 'pskd_label_smoothed_cross_entropy' in R, "
-                     f"any(g.__name__ == 'Namespace' for g in torch.serialization.get_safe_globals()))")
-    assert out.splitlines()[-1] == "True True True"
+                     f"any(g.__name__ == 'Namespace' for g in torch.serialization.get_safe_globals()), "
+                     f"getattr(checkpoint_utils.PathManager, 'pskd_atomic_copy', False))")
+    # registered, checkpoints loadable under torch >= 2.6, copied atomically (docs/FAIRSEQ_CHANGES.md)
+    assert out.splitlines()[-1] == "True True True True"
