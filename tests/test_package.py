@@ -37,3 +37,20 @@ def test_criterion_is_registered_whatever_the_import_order(order):
                      f"getattr(checkpoint_utils.PathManager, 'pskd_atomic_copy', False))")
     # registered, checkpoints loadable under torch >= 2.6, copied atomically (docs/FAIRSEQ_CHANGES.md)
     assert out.splitlines()[-1] == "True True True True"
+
+
+def test_user_dir_from_another_directory(tmp_path):
+    """`python -m fairseq_pskd --user-dir` names the package's directory, which fairseq's
+    --user-dir accepts from any working directory."""
+    proc = subprocess.run([sys.executable, "-m", "fairseq_pskd", "--user-dir"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    user_dir = proc.stdout.strip()
+    import os
+    assert os.path.isfile(os.path.join(user_dir, "criterion.py"))
+    code = ("import sys, argparse; from fairseq import utils; "
+            f"utils.import_user_module(argparse.Namespace(user_dir={user_dir!r})); "
+            "from fairseq.criterions import CRITERION_REGISTRY as R; print('pskd' in R)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "True", proc.stderr[-2000:]
