@@ -82,10 +82,11 @@ def damage(path):
 def check_restore_file(save_dir, restore_file="checkpoint_last.pt", suffix=""):
     """Refuse (ValueError) to start when the checkpoint fairseq-train would resume from is damaged,
     naming the newest intact checkpoint and the command that resumes from it."""
-    if restore_file == "checkpoint_last.pt":  # fairseq's default: SAVE_DIR/checkpoint_last{suffix}.pt
+    # the path fairseq 0.12's checkpoint_utils.load_checkpoint reads (FSDP's per-shard suffix aside)
+    if restore_file == "checkpoint_last.pt":
         path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
     else:
-        path = restore_file
+        path = restore_file.replace(".pt", suffix + ".pt")
     if not os.path.isfile(path):
         return
     why = damage(path)

@@ -124,8 +124,9 @@ def check_store_dir_template(template):
 
 
 def resolve_store_dir(template, rank, node, local_rank):
-    """--pskd-store-dir with {rank}, {node} and {local_rank} filled in."""
-    check_store_dir_template(template)
+    """--pskd-store-dir with {rank}, {node} and {local_rank} filled in (the option itself is
+    checked by check_store_dir_template when the criterion is built; the default,
+    SAVE_DIR/pskd_store, may hold any braces the save dir has)."""
     return os.path.abspath(os.path.expanduser(
         template.replace("{rank}", str(rank)).replace("{node}", str(node))
         .replace("{local_rank}", str(local_rank))))

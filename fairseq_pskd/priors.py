@@ -162,9 +162,9 @@ class Priors:
         """This process's first epoch: settle the run's identity and check the store against it.
 
         The store must hold this run's priors or none. They are this run's when the checkpoint
-        fairseq restored carries the store's run id. A new run (epoch 1, no checkpoint) also takes
-        over a store an earlier run in the same save dir left: with no checkpoint there, nothing
-        can resume from those priors. Any other store that holds priors is another run's and is
+        fairseq restored carries the store's run id. A new run (epoch 1, no checkpoint restored) also
+        takes over a store an earlier run in the same save dir left (killed in epoch 1, or restarted
+        with --reset-dataloader): that save dir's run starts over. Any other store that holds priors is another run's and is
         refused: resetting it would cost that run its priors, training on it would distil that
         run's model into this one.
 
@@ -185,8 +185,8 @@ class Priors:
             newest = store.newest_epoch()
             if newest is not None and store.run_id != self.run_id:
                 logger.info("PS-KD: the store at %s held priors (up to epoch %d) of an earlier run in this "
-                            "save dir, which left no checkpoint to resume from: they are discarded for this "
-                            "new run", store.path, newest)
+                            "save dir; this run restored no checkpoint of it, so it is a new run: they are "
+                            "discarded", store.path, newest)
             store.reset(run_id=self.run_id, save_dir=self._run_save_dir)
             barrier()
             return
@@ -220,7 +220,9 @@ class Priors:
                 f"new run would reset them, and that run could no longer resume with its priors. " + discard)
         if ckpt is None:
             how = ("from a checkpoint that carries no PS-KD run identity (it was not written by a PS-KD "
-                   "training run, e.g. a label-smoothing checkpoint given as --restore-file)"
+                   "training run of this version, e.g. a label-smoothing checkpoint given as "
+                   "--restore-file; fairseq reloads --restore-file on every rerun, so to resume a "
+                   "warm-started run drop --restore-file)"
                    if self._checkpoint_loaded else "without a restored checkpoint")
             return StoreError(
                 f"this run starts at epoch {epoch} {how}, but the PS-KD store at {store.path} holds the "
@@ -251,7 +253,7 @@ class Priors:
                 "from (the store keeps the last two epochs). Those sentences train against the "
                 "label-smoothed target alone in this epoch. A checkpoint at every epoch end prevents "
                 "this: keep --save-interval 1 (the default; --no-epoch-checkpoints keeps only "
-                "checkpoint_last.pt)", epoch, prev, found, total, lost, store.newest_epoch())
+                "checkpoint_last.pt)", epoch, prev, found, total, lost, store.newest_epoch(prev))
         elif found == 0:
             logger.warning("PS-KD epoch %d: the store at %s holds no priors of epoch %d (a new or "
                            "emptied store), so this epoch trains against the label-smoothed target "

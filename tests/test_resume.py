@@ -85,9 +85,10 @@ def test_warm_start_from_a_label_smoothing_checkpoint_never_adopts_a_store(toy_d
     refused([*warm, "--pskd-store-dir", store],
             "Loaded checkpoint",
             f"StoreError: this run starts at epoch 3 from a checkpoint that carries no PS-KD run identity (it "
-            f"was not written by a PS-KD training run, e.g. a label-smoothing checkpoint given as --restore-file), "
-            f"but the PS-KD store at {store} holds the priors of a training run (run {id_a}, save dir "
-            f"{tmp_path / 'a'}, priors up to epoch 2)",
+            f"was not written by a PS-KD training run of this version, e.g. a label-smoothing checkpoint given "
+            f"as --restore-file; fairseq reloads --restore-file on every rerun, so to resume a warm-started run "
+            f"drop --restore-file), but the PS-KD store at {store} holds the priors of a training run (run "
+            f"{id_a}, save dir {tmp_path / 'a'}, priors up to epoch 2)",
             "Pass a new --pskd-store-dir")
     assert store_run(store) == (id_a, dir_a, 2)  # left as it was
 
@@ -208,6 +209,14 @@ def test_bad_store_dir_is_refused_with_what_to_pass(toy_data_bin, tmp_path, stor
                   expected)
     assert "permissions" not in out.split(expected)[-1][:300]
     assert not (save / "pskd_store").exists()
+
+
+def test_braces_in_the_save_dir_are_not_taken_for_placeholders(toy_data_bin, tmp_path):
+    """Only --pskd-store-dir is a template: the default store, SAVE_DIR/pskd_store, may sit in a
+    save dir whose name has braces."""
+    save = tmp_path / "run_{lr=1e-3}"
+    log = run_fairseq("train", *pskd(toy_data_bin, save, 1)).stdout
+    assert sorted(epoch_stats(log)) == [1] and (save / "pskd_store" / "header.json").exists()
 
 
 def test_inspect_of_a_file_says_it_is_not_a_directory(tmp_path):

@@ -382,7 +382,7 @@ def test_run_save_dir_newest_epoch_and_overwritten_rows(tmp_path, lengths):
         for epoch, ids in ((1, every), (2, every), (3, every), (4, every[:10])):
             s.write(epoch, ids, lengths[ids], *make_batch(lengths, ids))
             s.end_epoch(epoch)
-        assert s.newest_epoch() == 4
+        assert s.newest_epoch() == 4 and s.newest_epoch(2) == 4 and s.newest_epoch(3) == 3
         assert s.sentences_overwritten(2) == 10 and s.sentences_written(2) == len(lengths) - 10
         assert s.sentences_overwritten(3) == 0 and s.sentences_overwritten(4) == 0
         s.set_run_id("b" * 32, save_dir="/runs/b")

@@ -422,11 +422,12 @@ class TopKStore:
         epoch = _check_epoch(epoch)
         return int(np.count_nonzero(np.asarray(self._core.stamps[epoch % 2]) == epoch))
 
-    def newest_epoch(self) -> Optional[int]:
-        """The latest epoch whose rows the store holds (the highest stamp in either buffer; None: the
-        store holds no prior)."""
+    def newest_epoch(self, epoch: Optional[int] = None) -> Optional[int]:
+        """The latest epoch whose rows the store holds (the highest stamp in either buffer, or with
+        ``epoch`` in buffer ``epoch % 2``, the one epoch ``epoch`` wrote; None: no prior there)."""
         self._check_open()
-        newest = max(int(np.asarray(self._core.stamps[b]).max()) for b in (0, 1))
+        buffers = (0, 1) if epoch is None else (_check_epoch(epoch) % 2,)
+        newest = max(int(np.asarray(self._core.stamps[b]).max()) for b in buffers)
         return newest if newest > 0 else None
 
     def sentences_overwritten(self, epoch: int) -> int:
