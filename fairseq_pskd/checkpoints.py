@@ -9,7 +9,7 @@ kill leaves the old checkpoint_last.pt or the new one, never half of one. Like f
 save, it protects against a killed process, not against a machine that loses power (no fsync).
 
 A checkpoint_last.pt damaged by a run without the plugin (or by a full disk) is refused before
-training, with the command that repairs it (``check_restore_file``; the PS-KD criterion calls it).
+training, with the command that repairs it (``restore_file_error``; the PS-KD criterion raises it).
 """
 import glob
 import os
@@ -17,7 +17,7 @@ import re
 import shutil
 import zipfile
 
-__all__ = ["atomic_copy", "install_atomic_copy", "check_restore_file", "damage"]
+__all__ = ["atomic_copy", "install_atomic_copy", "restore_file_error", "damage"]
 
 _TMP_SUFFIX = ".tmp"  # fairseq's own suffix for the checkpoint it writes before renaming it
 
@@ -79,27 +79,25 @@ def damage(path):
     return None
 
 
-def check_restore_file(save_dir, restore_file="checkpoint_last.pt", suffix=""):
-    """Refuse (ValueError) to start when the checkpoint fairseq-train would resume from is damaged,
-    naming the newest intact checkpoint and the command that resumes from it."""
+def restore_file_error(save_dir, restore_file="checkpoint_last.pt", suffix=""):
+    """A ValueError to stop with when the checkpoint fairseq-train would resume from is damaged,
+    naming the newest intact checkpoint and the command that resumes from it; else None."""
     # the path fairseq 0.12's checkpoint_utils.load_checkpoint reads (FSDP's per-shard suffix aside)
     if restore_file == "checkpoint_last.pt":
         path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
     else:
         path = restore_file.replace(".pt", suffix + ".pt")
-    if not os.path.isfile(path):
-        return
-    why = damage(path)
+    why = damage(path) if os.path.isfile(path) else None
     if why is None:
-        return
+        return None
     newest = _newest_intact_checkpoint(os.path.dirname(path) or ".", exclude=path, suffix=suffix)
     if newest is not None:
         fix = (f"Resume from the newest intact checkpoint, {os.path.basename(newest)}: cp {newest} {path} "
                f"(and rerun the same command), or start the run over: rm {path}")
     else:
         fix = f"No intact checkpoint is left beside it: start the run over with rm {path}"
-    raise ValueError(f"the checkpoint to resume from, {path}, is damaged ({why}): the run was stopped while "
-                     f"it was being written. {fix}")
+    return ValueError(f"the checkpoint to resume from, {path}, is damaged ({why}): the run was stopped while "
+                      f"it was being written. {fix}")
 
 
 def _newest_intact_checkpoint(directory, exclude, suffix=""):

@@ -28,7 +28,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from .checkpoints import check_restore_file
+from .checkpoints import restore_file_error
 from .distributed import check_store_dir_template, raise_on_every_rank
 from .loss import REMAINDERS, pskd_loss, pskd_loss_from_logits
 from .priors import Priors, to_device
@@ -157,12 +157,8 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             check_store_dir_template(cfg.pskd_store_dir)
         # before fairseq loads it: a damaged checkpoint_last.pt gets the command that repairs it,
         # on every rank (a rank that stopped alone would leave the others in the load's broadcast)
-        try:
-            damaged = None
-            check_restore_file(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or "")
-        except ValueError as e:
-            damaged = e
-        raise_on_every_rank(damaged, "checking the checkpoint to resume from")
+        raise_on_every_rank(restore_file_error(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or ""),
+                            "checking the checkpoint to resume from")
         self.priors = Priors(cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store"),
                              self.topk, sync, cfg.save_dir)
         self._train_batch = None  # {"ignore_grad", "update_num"} inside task.train_step
