@@ -277,7 +277,8 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         batch = self._train_batch
         alpha = self.alpha(batch["update_num"])
         dummy = batch["ignore_grad"]  # the trainer's cached dummy batch: no read, no write
-        # on the device, for the store's writer to check against the store off the critical path
+        # on the device: the store takes the rows of these many tokens per sentence (its writer
+        # checks them against the store, off the critical path)
         lengths = full_target.ne(self.padding_idx).sum(1)
         n_tokens = target.ne(self.padding_idx).sum()
         prefix = self.ignore_prefix_size
@@ -296,12 +297,13 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         scores = full_scores if self._from_logits or prefix == 0 else full_scores[:, prefix:, :].contiguous()
         prior_idx = prior_p = prior_mask = None
         if self._reads_prior(alpha, dummy):
-            idx, p, has_prior = self.priors.take_read(sample)
+            idx, p, has_prior = self.priors.take_read(sample)  # int32 / float16, as stored
             if prefix > 0 and not self._from_logits:
                 idx, p = idx[:, prefix:], p[:, prefix:]
             dev = scores.device
-            prior_idx = to_device(idx, dev).reshape(-1, idx.size(-1))
-            prior_p = to_device(p, dev).reshape(-1, p.size(-1))
+            # across to the device in the read's dtypes, widened there (gather takes int64)
+            prior_idx = to_device(idx, dev).reshape(-1, idx.size(-1)).long()
+            prior_p = to_device(p, dev).reshape(-1, p.size(-1)).float()
             prior_mask = to_device(has_prior, dev).unsqueeze(1).expand_as(loss_target).reshape(-1)
         vocab = scores.size(-1)
         if self._from_logits:
@@ -314,12 +316,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
                 scores.view(-1, vocab), loss_target.view(-1), alpha, self.eps,
                 prior_idx, prior_p, prior_mask, self.remainder, ignore_index=self.padding_idx,
                 reduce=reduce)
-        if dummy:
-            self.priors.dummy_batches += 1
-        # all_gather: every rank joins the step's collective, a dummy batch with no rows
-        if not dummy or self.priors.sync == "all_gather":
-            ids = torch.from_numpy(self.priors.host_ids(sample)) if not dummy else sample["id"]
-            self.priors.write(full_scores, ids, lengths, dummy=dummy, lse=lse)
+        # the priors decide what a batch writes (a dummy batch: nothing, but under all_gather
+        # it still joins the step's collective)
+        self.priors.write(sample, full_scores, lengths, dummy=dummy, lse=lse)
         if prior_mask is not None:
             covered = (prior_mask & loss_target.reshape(-1).ne(self.padding_idx)).sum()
         else:

@@ -1,6 +1,6 @@
 """Data-parallel plumbing of the criterion: collectives on fairseq's data-parallel group, the
-per-rank store directory, and the packing of top-k rows for --pskd-store-sync all_gather
-(docs/DISTRIBUTED.md).
+per-rank store directory, and the packing of the real tokens' top-k rows for --pskd-store-sync
+all_gather (docs/DISTRIBUTED.md).
 
 All collectives run on fairseq's data-parallel group (the trainer's own group; with model
 parallelism that is the group of ranks that see different batches). Every one of them is
@@ -133,38 +133,40 @@ def resolve_store_dir(template, rank, node, local_rank):
 
 
 def pack_rows(ids, lengths, top_idx, top_p, vocab_size):
-    """One flat uint8 tensor: ids int64 (B), lengths int32 (B), the real tokens' top-k indices
-    (N, k) as uint16/int32 and probabilities (N, k) float16; padding positions are left out."""
-    B, T, k = top_idx.shape
-    mask = torch.arange(T, device=top_idx.device).unsqueeze(0) < lengths.to(top_idx.device).unsqueeze(1)
-    idx = top_idx[mask]  # (N, k), row-major: sentence by sentence, position by position
-    prb = top_p[mask].to(torch.float16)
-    idx = idx.to(torch.int16 if index_dtype(vocab_size).itemsize == 2 else torch.int32)  # int16 keeps the uint16 bits
-    parts = [ids.to(torch.int64).reshape(-1), lengths.to(torch.int32).reshape(-1),
-             idx.contiguous().reshape(-1), prb.contiguous().reshape(-1)]
+    """One flat uint8 tensor on the rows' device: ids int64 (B), lengths int32 (B), then the real
+    tokens' top-k rows (N, k), sentence by sentence (``top_idx``/``top_p``, as
+    fairseq_pskd.store.compact_rows gives them), as the store keeps them: indices uint16 (sent
+    as int16, the same bits) or int32, probabilities float16."""
     dev = top_idx.device
-    return torch.cat([p.to(dev).view(torch.uint8) for p in parts]), B, idx.size(0)
+    idx = top_idx.to(torch.int16 if index_dtype(vocab_size).itemsize == 2 else torch.int32)
+    parts = [torch.as_tensor(ids).to(torch.int64).reshape(-1), torch.as_tensor(lengths).to(torch.int32).reshape(-1),
+             idx.contiguous().reshape(-1), top_p.to(torch.float16).contiguous().reshape(-1)]
+    return torch.cat([p.to(dev).view(torch.uint8) for p in parts]), len(ids), idx.size(0)
 
 
 def unpack_rows(buf, n_sent, n_tok, k, vocab_size):
-    """Inverse of pack_rows on a CPU uint8 numpy array: ids, lengths (int64), indices (int32), probs (float16)."""
+    """Inverse of pack_rows on a CPU uint8 numpy array: ids, lengths (int64), and views of the
+    rows in the store's dtypes: indices (N, k) uint16 or int32, probs (N, k) float16."""
     stored = index_dtype(vocab_size)
-    ib = stored.itemsize
     o = 0
-    ids = np.frombuffer(buf, dtype="<i8", count=n_sent, offset=o).astype(np.int64); o += 8 * n_sent
-    lengths = np.frombuffer(buf, dtype="<i4", count=n_sent, offset=o).astype(np.int64); o += 4 * n_sent
+    ids = np.frombuffer(buf, dtype="<i8", count=n_sent, offset=o).astype(np.int64)
+    o += 8 * n_sent
+    lengths = np.frombuffer(buf, dtype="<i4", count=n_sent, offset=o).astype(np.int64)
+    o += 4 * n_sent
     idx = np.frombuffer(buf, dtype=stored, count=n_tok * k, offset=o)
-    o += ib * n_tok * k
+    o += stored.itemsize * n_tok * k
     prb = np.frombuffer(buf, dtype="<f2", count=n_tok * k, offset=o)
-    return ids, lengths, idx.astype(np.int32).reshape(n_tok, k), prb.reshape(n_tok, k)
+    return ids, lengths, idx.reshape(n_tok, k), prb.reshape(n_tok, k)
 
 
 def all_gather_rows(ids, lengths, top_idx, top_p, vocab_size, k):
     """All-gather every rank's rows (a rank may contribute none: top_idx None).
 
-    Two collectives: the (sentences, tokens) counts, then the packed rows padded to the largest
+    ``top_idx``/``top_p``: the (N, k) rows of this rank's real tokens (pack_rows). Two
+    collectives: the (sentences, tokens) counts, then the packed rows padded to the largest
     rank's size. Returns, on every rank, CPU numpy (ids, lengths, indices (N, k), probs (N, k))
-    of all ranks concatenated in rank order."""
+    of all ranks concatenated in rank order, the rows in the store's dtypes (what
+    TopKStore.write_rows takes)."""
     group = dp_group()
     backend = str(torch.distributed.get_backend(group))
     if top_idx is not None:
@@ -190,12 +192,3 @@ def all_gather_rows(ids, lengths, top_idx, top_p, vocab_size, k):
     parts = [unpack_rows(g[:c[2]].cpu().numpy(), c[0], c[1], k, vocab_size)
              for g, c in zip(gathered, all_counts)]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
-
-
-def pad_rows(lengths, rows):
-    """(N, k) rows of real tokens -> (B, max length, k) zero-padded, as TopKStore.write takes."""
-    B, k = lengths.shape[0], rows.shape[1]
-    T = int(lengths.max()) if B else 0
-    out = np.zeros((B, T, k), dtype=rows.dtype)
-    out[np.arange(T)[None, :] < lengths[:, None]] = rows
-    return out

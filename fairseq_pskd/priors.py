@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from .distributed import all_gather_object, all_gather_rows, barrier, dist_info, pad_rows, \
-    raise_on_every_rank
-from .store import StoreError
+from .distributed import all_gather_object, all_gather_rows, barrier, dist_info, raise_on_every_rank
+from .resume import foreign_store_error, report_resumed_priors
+from .store import compact_rows
 from .store_opening import open_run_store
 from .task_hooks import HOST_IDS
 
@@ -161,18 +161,19 @@ class Priors:
     def _claim_store(self, epoch):
         """This process's first epoch: settle the run's identity and check the store against it.
 
-        The store must hold this run's priors or none. They are this run's when the checkpoint
-        fairseq restored carries the store's run id. A new run (epoch 1, no checkpoint restored) also
-        takes over a store an earlier run in the same save dir left (killed in epoch 1, or restarted
-        with --reset-dataloader): that save dir's run starts over. Any other store that holds priors is another run's and is
-        refused: resetting it would cost that run its priors, training on it would distil that
-        run's model into this one.
+        The store must hold this run's priors or none (resume.foreign_store_error). They are this
+        run's when the checkpoint fairseq restored carries the store's run id. A new run (epoch 1, no
+        checkpoint restored) also takes over a store an earlier run in the same save dir left (killed
+        in epoch 1, or restarted with --reset-dataloader): that save dir's run starts over. Any other
+        store that holds priors is another run's and is refused: resetting it would cost that run its
+        priors, training on it would distil that run's model into this one.
 
         Epoch 1 (a new run, or one resumed inside epoch 1) starts from an emptied store: priors of
         a killed epoch 1 are forgotten, which costs at most some epoch-2 priors (those tokens train
         against y_ls for one epoch; pskd_coverage shows it)."""
         ckpt = self._checkpoint_run_id
-        error = self._foreign_store_error(epoch, ckpt) if self._updates_header else None
+        error = foreign_store_error(self.store, epoch, ckpt, self.save_dir, self._checkpoint_loaded) \
+            if self._updates_header else None
         raise_on_every_rank(error, "checking the PS-KD store's run")
         # the same id on every rank: rank 0's
         self.run_id = all_gather_object(ckpt or uuid.uuid4().hex)[0]
@@ -192,76 +193,11 @@ class Priors:
             return
         if store.run_id != self.run_id or store.run_save_dir != self._run_save_dir:
             store.set_run_id(self.run_id, save_dir=self._run_save_dir)  # a new store, or a moved save dir
-        self._report_resumed_priors(epoch)
+        report_resumed_priors(self.store, epoch)
 
     @property
     def _run_save_dir(self):
         return os.path.abspath(self.save_dir) if self.save_dir else None
-
-    def _foreign_store_error(self, epoch, ckpt):
-        """A StoreError if the store holds priors that are not this run's (see _claim_store)."""
-        store = self.store
-        newest = store.newest_epoch()
-        if newest is None or (ckpt is not None and store.run_id == ckpt):
-            return None  # no priors, or this run's
-        theirs = store.run_save_dir
-        same_dir = theirs is not None and self.save_dir and \
-            os.path.realpath(theirs) == os.path.realpath(self.save_dir)
-        if epoch == 1 and ckpt is None and same_dir:
-            return None  # this save dir's run starting over
-        who = (f"run {store.run_id or '(no id recorded)'}" + (f", save dir {theirs}" if theirs else "")
-               + f", priors up to epoch {newest}")
-        discard = (f"Give this run its own --pskd-store-dir, or, if that run's priors are no longer "
-                   f"needed, delete {store.path} (it is only a cache of that run's last epochs' "
-                   f"predictions; that run could then resume only without priors for one epoch)")
-        if epoch == 1 and ckpt is None:
-            return StoreError(
-                f"the PS-KD store at {store.path} holds the priors of another training run ({who}). This "
-                f"new run would reset them, and that run could no longer resume with its priors. " + discard)
-        if ckpt is None:
-            how = ("from a checkpoint that carries no PS-KD run identity (it was not written by a PS-KD "
-                   "training run of this version, e.g. a label-smoothing checkpoint given as "
-                   "--restore-file; fairseq reloads --restore-file on every rerun, so to resume a "
-                   "warm-started run drop --restore-file)"
-                   if self._checkpoint_loaded else "without a restored checkpoint")
-            return StoreError(
-                f"this run starts at epoch {epoch} {how}, but the PS-KD store at {store.path} holds the "
-                f"priors of a training run ({who}): they are not this model's predictions, and "
-                f"training against them would distil that run's model into this one. Pass a new "
-                f"--pskd-store-dir: epoch {epoch} then trains against the label-smoothed target alone "
-                f"and stores this model's priors for epoch {epoch + 1}. Or, if that run's priors are no "
-                f"longer needed, delete {store.path}")
-        return StoreError(
-            f"the PS-KD store at {store.path} holds the priors of another training run ({who}), not of "
-            f"the run this checkpoint belongs to (run {ckpt}): another run used this --pskd-store-dir "
-            f"after this run's last epoch, and training epoch {epoch} against its priors would distil "
-            f"that run's model into this one. Delete {store.path} (it is only a cache of the last "
-            f"epochs' predictions) or pass a new --pskd-store-dir: the resumed epoch {epoch} then trains "
-            f"without priors (against the label-smoothed target alone) and stores new ones for epoch "
-            f"{epoch + 1}")
-
-    def _report_resumed_priors(self, epoch):
-        """Say, at the first epoch of a resumed run, how many of the priors it reads it found, and
-        why any that its previous epoch wrote are gone."""
-        store, prev = self.store, epoch - 1
-        found, total = store.sentences_written(prev), store.num_sentences
-        lost = store.sentences_overwritten(prev)
-        if lost:
-            logger.warning(
-                "PS-KD epoch %d (resumed): priors of epoch %d found for %d of %d sentences; %d were "
-                "overwritten by epoch %d of this run, which trained after the checkpoint it resumed "
-                "from (the store keeps the last two epochs). Those sentences train against the "
-                "label-smoothed target alone in this epoch. A checkpoint at every epoch end prevents "
-                "this: keep --save-interval 1 (the default; --no-epoch-checkpoints keeps only "
-                "checkpoint_last.pt)", epoch, prev, found, total, lost, store.newest_epoch(prev))
-        elif found == 0:
-            logger.warning("PS-KD epoch %d: the store at %s holds no priors of epoch %d (a new or "
-                           "emptied store), so this epoch trains against the label-smoothed target "
-                           "alone (pskd_coverage 0) and stores new priors for epoch %d", epoch,
-                           store.path, prev, epoch + 1)
-        else:
-            logger.info("PS-KD epoch %d (resumed): priors of epoch %d found for %d of %d sentences",
-                        epoch, prev, found, total)
 
     def flush(self):
         """Apply every write in flight (before validation and every checkpoint)."""
@@ -305,7 +241,9 @@ class Priors:
 
     # ---- reading priors ----------------------------------------------------------------------
 
-    def host_ids(self, sample):
+    def _host_ids(self, sample):
+        """The batch's sentence ids, int64 numpy: the host copy the collater made (task_hooks),
+        else read back from the device (warned once: on a GPU that is a synchronisation)."""
         ids = sample.get(HOST_IDS)
         if ids is not None:
             return ids
@@ -318,7 +256,8 @@ class Priors:
         return sample["id"].cpu().numpy()
 
     def _read_host(self, ids, width):
-        """The batch's priors as CPU tensors (indices, probs (B, width, k), has_prior (B,)).
+        """The batch's priors as CPU tensors in the dtypes they cross to the device in: indices
+        int32 and probs float16 (B, width, k), has_prior bool (B,).
 
         Lengths come from the store (the train set's own, checked when it was opened): the
         device-side lengths are checked against them by the writer, off the critical path. The
@@ -334,17 +273,13 @@ class Priors:
             self._prefetch = (sample, self._helper_thread().submit(
                 self._read_host, sample[HOST_IDS], sample["target"].size(1)))
 
-    @property
-    def read_in_flight(self):
-        return self._prefetch is not None
-
     def take_read(self, sample):
         """This batch's priors: the read started for it, or a read now."""
         if self._prefetch is not None and self._prefetch[0] is sample:
             future = self._prefetch[1]
             self._prefetch = None
             return future.result()  # re-raises what the read raised
-        return self._read_host(self.host_ids(sample), sample["target"].size(1))
+        return self._read_host(self._host_ids(sample), sample["target"].size(1))
 
     def drop_read(self):
         """Forget a read the step did not use (fairseq skipped the batch, e.g. out of memory),
@@ -367,44 +302,51 @@ class Priors:
             future.result()
 
     def _topk(self, scores, lse=None):
-        """(indices int32, probabilities float16) of the k most probable tokens, as stored:
-        ``scores`` are log-probabilities, or logits with ``lse`` their log-sum-exp per row
-        (the same order; probabilities exp(z - lse))."""
+        """(indices int32, probabilities float16) of the k most probable tokens, (B, T, k), the
+        dtypes the store takes: ``scores`` are log-probabilities, or logits with ``lse`` their
+        log-sum-exp per row (the same order; probabilities exp(z - lse))."""
         top, top_idx = scores.topk(self.topk, dim=-1)
         top = top.float() if lse is None else top.float() - lse.unsqueeze(-1)
         return top_idx.to(torch.int32), top.exp().to(torch.float16)
 
     def _topk_and_write(self, epoch, scores, lse, ids, lengths):
+        # the store takes the real tokens' rows on the device, from the host ids' stored lengths
         self.store.write(epoch, ids, lengths, *self._topk(scores, lse))
 
     @torch.no_grad()
-    def write(self, full_lprobs, ids, lengths, dummy=False, lse=None):
-        """Store the top-k of this batch's log-probabilities (B, T, V) as epoch ``self.epoch``'s
-        priors; with ``lse`` (B, T), ``full_lprobs`` are the logits and ``lse`` their
-        log-sum-exp. ``dummy``: the trainer's dummy batch, which writes nothing but, under
-        --pskd-store-sync all_gather, still joins the step's collective."""
+    def write(self, sample, scores, lengths, dummy=False, lse=None):
+        """Store the top-k of a training batch's log-probabilities ``scores`` (B, T, V) as epoch
+        ``self.epoch``'s priors; with ``lse`` (B, T), ``scores`` are the logits and ``lse`` their
+        log-sum-exp. ``lengths`` (B,): the target lengths, on the device. ``dummy``: the trainer's
+        dummy batch, which is counted and writes nothing but, under --pskd-store-sync all_gather,
+        still joins the step's collective. Called once per training batch (compute_loss)."""
         # The full target row, prefix included: the store is keyed by the dataset's target
-        # lengths. Top-k on the device; only (B, T, k) crosses to the host.
+        # lengths. Top-k on the device; only the real tokens' (N, k) rows cross to the host.
+        if dummy:
+            self.dummy_batches += 1
         if self.sync == "shared" or dist_info()[1] == 1:
             if dummy:
                 return
-            lprobs = full_lprobs.detach()
-            if lprobs.device.type == "cpu" and self.topk_on_helper:
+            ids = torch.from_numpy(self._host_ids(sample))
+            scores = scores.detach()
+            if scores.device.type == "cpu" and self.topk_on_helper:
                 # On CPU the top-k costs about as much as the loss (~100 ms of a ~800 ms update
                 # of the quickstart's model at k = 8, docs/BENCHMARKS.md): the helper thread takes
-                # it while this thread runs the backward pass, which holds lprobs alive anyway.
+                # it while this thread runs the backward pass, which holds the scores alive anyway.
                 # One in flight at a time, so no batch's log-probs outlive the next step.
                 self._wait_cpu_write()
                 self._cpu_write = self._helper_thread().submit(
-                    self._topk_and_write, self.epoch, lprobs, lse, ids, lengths)
+                    self._topk_and_write, self.epoch, scores, lse, ids, lengths)
             else:
-                self._topk_and_write(self.epoch, lprobs, lse, ids, lengths)
+                self._topk_and_write(self.epoch, scores, lse, ids, lengths)
             return
-        top_idx, top_p = (None, None) if dummy else self._topk(full_lprobs.detach(), lse)
         # all_gather: every rank's rows reach every rank; one rank per directory writes them
+        ids = idx_rows = p_rows = None  # a dummy batch contributes no rows
+        if not dummy:
+            ids = self._host_ids(sample)
+            num_tokens = int(self.store.lengths[ids].sum())  # the batch's target tokens, known on the host
+            idx_rows, p_rows = compact_rows(*self._topk(scores.detach(), lse), lengths, num_tokens)
         all_ids, all_lengths, all_idx, all_p = all_gather_rows(
-            ids, lengths, top_idx, top_p, self.store.vocab_size, self.topk)
+            ids, lengths, idx_rows, p_rows, self.store.vocab_size, self.topk)
         if self._writes_rows and all_ids.size:
-            self.store.write(self.epoch, torch.from_numpy(all_ids), torch.from_numpy(all_lengths),
-                             torch.from_numpy(pad_rows(all_lengths, all_idx)),
-                             torch.from_numpy(pad_rows(all_lengths, all_p)))
+            self.store.write_rows(self.epoch, all_ids, all_lengths, all_idx, all_p)

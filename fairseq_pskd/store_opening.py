@@ -13,8 +13,16 @@ import socket
 import uuid
 from dataclasses import dataclass
 
-from .distributed import (all_gather_object, barrier, dist_info, env_int, node_and_local_rank,
-                          raise_collectively, raise_if_any, resolve_store_dir)
+from .distributed import (
+    all_gather_object,
+    barrier,
+    dist_info,
+    env_int,
+    node_and_local_rank,
+    raise_collectively,
+    raise_if_any,
+    resolve_store_dir,
+)
 from .store import StoreLockedError, TopKStore
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""PS-KD under data-parallel training (issue 7): two CPU ranks (gloo) through the real fairseq
+"""PS-KD under data-parallel training: two CPU ranks (gloo) through the real fairseq
 trainer, started with fairseq_pskd.launch.
 
 The reference is one process with the same global batches: fairseq builds one list of batches
@@ -21,13 +21,12 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats
 
 import fairseq_pskd  # noqa: F401  (registers the criterion)
 from fairseq_pskd import launch
-from fairseq_pskd.distributed import pack_rows, pad_rows, unpack_rows
-from fairseq_pskd.store import TopKStore
+from fairseq_pskd.distributed import pack_rows, unpack_rows
+from fairseq_pskd.store import TopKStore, compact_rows
 
 MAX_TOKENS = 160  # 13 batches of the 240-sentence toy corpus: see the module docstring
 ONE_BATCH = 4000  # the whole toy corpus in one batch: fewer batches than ranks
@@ -178,6 +177,7 @@ def test_ddp_batching_premise(toy_data_bin):
 
 # ---- shared store: 2 ranks x --update-freq 2 vs 1 process x --update-freq 4 -------------------
 
+@pytest.mark.e2e
 def test_ddp_shared_store_complete_after_every_epoch(ddp_shared):
     save, log = ddp_shared
     assert "training on 2 devices" in log and "distributed init (rank 1)" in log
@@ -200,6 +200,7 @@ def test_ddp_shared_store_complete_after_every_epoch(ddp_shared):
     assert [train[e]["num_updates"] for e in (1, 2, 3)] == [4, 8, 12]
 
 
+@pytest.mark.e2e
 def test_ddp_shared_matches_single_process(ddp_shared, single_uf4):
     (ddp_save, ddp_log), (one_save, one_log) = ddp_shared, single_uf4
     a, b = epoch_stats(ddp_log), epoch_stats(one_log)
@@ -241,6 +242,7 @@ def test_ddp_shared_matches_single_process(ddp_shared, single_uf4):
 
 # ---- all_gather: two nodes, each with its own store directory ----------------------------------
 
+@pytest.mark.e2e
 def test_ddp_all_gather_node_local_stores_identical_and_complete(ddp_two_nodes, ddp_shared):
     save, (log0, log1) = ddp_two_nodes
     stores = [save / f"local_disk_{n}" / "pskd" for n in (0, 1)]
@@ -273,6 +275,7 @@ def test_ddp_all_gather_node_local_stores_identical_and_complete(ddp_two_nodes, 
 
 # ---- an empty shard: fewer batches than ranks --------------------------------------------------
 
+@pytest.mark.e2e
 def test_ddp_empty_shard_dummy_batches(toy_data_bin, tmp_path):
     """One batch per epoch and two ranks: rank 1 trains only the trainer's dummy batch, which
     the criterion neither reads nor writes, yet joins every all_gather. One store directory for
@@ -300,6 +303,7 @@ def test_ddp_empty_shard_dummy_batches(toy_data_bin, tmp_path):
 
 # ---- misconfiguration fails on every rank, without hanging --------------------------------------
 
+@pytest.mark.e2e
 def test_ddp_shared_sync_refuses_per_rank_directories(toy_data_bin, tmp_path):
     t0 = time.time()
     proc = launched(2, train_args(toy_data_bin, tmp_path / "ckpt", "--pskd-store-dir",
@@ -315,26 +319,28 @@ def test_ddp_shared_sync_refuses_per_rank_directories(toy_data_bin, tmp_path):
 
 @pytest.mark.parametrize("vocab", [40000, 70000])
 def test_distributed_pack_unpack_roundtrip(vocab):
+    """The real tokens' rows go out compact and come back compact, in the store's dtypes (what
+    TopKStore.write_rows takes): nothing is padded on the way."""
     g = torch.Generator().manual_seed(0)
     B, T, k = 3, 6, 4
     lengths = torch.tensor([6, 2, 4])
-    ids = torch.tensor([17, 3, 250000])
+    ids = np.array([17, 3, 250000])
     top_idx = torch.randint(0, vocab, (B, T, k), generator=g, dtype=torch.int32)
     top_idx[0, 0] = torch.tensor([vocab - 1, 0, 32768, 65535 % vocab])  # around the int16 wrap
     top_p = torch.rand(B, T, k, generator=g).to(torch.float16)
-    payload, n_sent, n_tok = pack_rows(ids, lengths, top_idx, top_p, vocab)
+    idx_rows, p_rows = compact_rows(top_idx, top_p, lengths, int(lengths.sum()))
+    payload, n_sent, n_tok = pack_rows(ids, lengths, idx_rows, p_rows, vocab)
     assert payload.dtype == torch.uint8 and (n_sent, n_tok) == (3, 12)
     ib = 2 if vocab <= 65536 else 4
     assert payload.numel() == 3 * 12 + 12 * k * (ib + 2)  # ids + lengths + real tokens only
     i2, l2, idx2, p2 = unpack_rows(payload.numpy(), n_sent, n_tok, k, vocab)
     assert i2.tolist() == ids.tolist() and l2.tolist() == lengths.tolist()
-    idx_pad, p_pad = pad_rows(l2, idx2), pad_rows(l2, p2)
-    assert idx_pad.shape == (3, 6, k)
-    for r, n in enumerate(lengths.tolist()):
-        assert (idx_pad[r, :n] == top_idx[r, :n].numpy()).all()
-        assert (p_pad[r, :n] == top_p[r, :n].numpy()).all()
-        assert (idx_pad[r, n:] == 0).all()
-    empty, n_sent, n_tok = pack_rows(ids[:0], lengths[:0], top_idx[:0], top_p[:0], vocab)
+    assert idx2.dtype == (np.uint16 if ib == 2 else np.int32) and p2.dtype == np.float16
+    assert idx2.shape == p2.shape == (12, k)
+    want = torch.cat([top_idx[r, :n] for r, n in enumerate(lengths.tolist())])
+    assert (idx2.astype(np.int64) == want.numpy()).all()
+    assert (p2 == torch.cat([top_p[r, :n] for r, n in enumerate(lengths.tolist())]).numpy()).all()
+    empty, n_sent, n_tok = pack_rows(ids[:0], lengths[:0], idx_rows[:0], p_rows[:0], vocab)
     assert empty.numel() == 0 and (n_sent, n_tok) == (0, 0)
 
 
@@ -349,6 +355,7 @@ def test_distributed_launcher_arguments():
             launch.parse_launch_args(bad)
 
 
+@pytest.mark.e2e
 def test_ddp_resume_broadcasts_checkpoint_to_other_ranks(ddp_shared, toy_data_bin, tmp_path):
     """Resume a 2-rank run: rank 0 reads checkpoint_last.pt and fairseq broadcasts it to rank 1,
     which unpickles it weights-only (torch >= 2.6): the allow-list must cover that state. On a

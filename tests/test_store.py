@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fairseq_pskd.store import StoreError, TopKStore, read_fairseq_sizes
-from fairseq_pskd.store.writer import _Job, _PinnedPool, _stage_to_host
+from fairseq_pskd.store.staging import PinnedPool, compact_rows, stage_rows, stage_to_host
+from fairseq_pskd.store.writer import WriteJob
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 4
@@ -36,10 +37,10 @@ def make_batch(lengths, ids, k=K, vocab=V, seed=0, width=None, as_half=True):
 
 
 def expected(idx, p, lengths, ids, width):
-    """What read() must return for rows written with (idx, p): padding zeroed."""
+    """What read() must return for rows written with (idx, p): int32 / float16, padding zeroed."""
     B = len(ids)
-    ei = torch.zeros(B, width, idx.shape[2], dtype=torch.int64)
-    ep = torch.zeros(B, width, idx.shape[2], dtype=torch.float32)
+    ei = torch.zeros(B, width, idx.shape[2], dtype=torch.int32)
+    ep = torch.zeros(B, width, idx.shape[2], dtype=torch.float16)
     for r, i in enumerate(ids):
         n = int(lengths[i])
         ei[r, :n] = idx[r, :n]
@@ -72,7 +73,7 @@ def assert_reads(s, epoch, lengths, ids, idx, p):
     ri, rp, has = s.read(epoch, ids, lengths[ids])
     ei, ep = expected(idx, p, lengths, ids, width)
     assert has.all()
-    assert ri.dtype == torch.int64 and rp.dtype == torch.float32 and has.dtype == torch.bool
+    assert ri.dtype == torch.int32 and rp.dtype == torch.float16 and has.dtype == torch.bool
     assert torch.equal(ri, ei)
     assert torch.equal(rp, ep)
 
@@ -87,7 +88,8 @@ def test_round_trip_bit_for_bit(store, lengths):
     # The float16 bit patterns are stored as given.
     ri, rp, _ = store.read(2, ids[:3], lengths[:3])
     assert np.array_equal(rp.numpy().astype(np.float16).view(np.uint16),
-                          expected(idx[:3], p[:3], lengths, ids[:3], rp.shape[1])[1].numpy().astype(np.float16).view(np.uint16))
+                          expected(idx[:3], p[:3], lengths, ids[:3], rp.shape[1])[1]
+                          .numpy().astype(np.float16).view(np.uint16))
     # max_len pads with zeros, positions >= length are zeros
     ri, rp, has = store.read(2, ids[:5], lengths[:5], max_len=20)
     assert ri.shape == (5, 20, K) and rp.shape == (5, 20, K)
@@ -171,7 +173,7 @@ def test_background_write_complete_after_flush(tmp_path):
             s.write(1, torch.from_numpy(ids), torch.from_numpy(lengths[ids]), idx.clone(), p.clone())
             data.append((ids, idx, p))
         s.flush()
-        assert int((np.asarray(s._core.stamps[1]) == 1).sum()) == len(lengths)
+        assert s.sentences_written(1) == len(lengths)
         for ids, idx, p in data[::7]:
             assert_reads(s, 2, lengths, ids, idx, p)
 
@@ -226,7 +228,7 @@ def test_vocab_above_uint16_uses_int32(tmp_path):
         assert ri[0, 0].tolist() == [vocab - 1, 65536, 70000]
     # exactly 65536 still fits uint16 (ids 0..65535)
     with TopKStore.create(tmp_path / "u", lengths, 3, 65536) as s:
-        assert s._core.index_dtype == np.dtype("uint16")
+        assert s.summary()["index_dtype"] == "uint16"
 
 
 def test_open_or_create_and_reopen(tmp_path, lengths):
@@ -242,7 +244,7 @@ def test_open_or_create_and_reopen(tmp_path, lengths):
 
 
 def test_pinned_pool_reuses_buffers():
-    pool = _PinnedPool(pin=False)
+    pool = PinnedPool(pin=False)
     v1, b1 = pool.acquire((3, 5, 4), torch.int32)
     assert v1.shape == (3, 5, 4) and v1.dtype == torch.int32
     pool.release(b1)
@@ -261,8 +263,8 @@ def test_stage_to_host_is_one_copy_into_one_buffer(shape):
     ids = torch.randint(0, 100, shape[:1], generator=g)
     lengths = torch.randint(1, 9, shape[:1], generator=g).to(torch.int32)  # widened to int64
     parts = [(indices, torch.int32), (probs, torch.float16), (ids, torch.int64), (lengths, torch.int64)]
-    pool = _PinnedPool(pin=False)
-    views, base = _stage_to_host(parts, pool)
+    pool = PinnedPool(pin=False)
+    views, base = stage_to_host(parts, pool)
     for (t, dtype), v in zip(parts, views):
         assert v.dtype == dtype and v.shape == t.shape
         assert torch.equal(v, t.to(dtype))
@@ -276,6 +278,7 @@ def test_stage_to_host_is_one_copy_into_one_buffer(shape):
 
 # ------------------------------------------------------------------------------ crash / resume
 
+@pytest.mark.e2e
 def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
     """A process killed mid-epoch 2: epoch 1's priors intact, epoch-2 rows already applied usable."""
     path = str(tmp_path / "s")
@@ -289,7 +292,8 @@ def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
         def batch(ids, seed):
             g = torch.Generator().manual_seed(seed)
             T = int(lengths[ids].max())
-            return torch.randint(0, {V}, (len(ids), T, {K}), generator=g), torch.rand(len(ids), T, {K}, generator=g).half().float()
+            return (torch.randint(0, {V}, (len(ids), T, {K}), generator=g),
+                    torch.rand(len(ids), T, {K}, generator=g).half().float())
         all_ids = np.arange(len(lengths))
         s.write(1, all_ids, lengths, *batch(all_ids, 1))
         s.end_epoch(1)
@@ -371,6 +375,7 @@ def test_open_other_dictionary_of_the_same_size(tmp_path, lengths):
         TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=symbols)
 
 
+@pytest.mark.e2e
 def test_run_save_dir_newest_epoch_and_overwritten_rows(tmp_path, lengths):
     """What a resume needs to know: whose priors (run id, save dir), up to which epoch, and how
     many of an epoch's rows a later epoch overwrote (epoch 4 writes the buffer epoch 2 wrote)."""
@@ -530,7 +535,8 @@ def test_batch_lengths_mismatch(store, lengths):
     ids = np.array([0, 1, 2])
     bad = lengths[ids].copy()
     bad[1] += 1
-    with pytest.raises(StoreError, match=rf"batch length does not match the stored length for sentence id 1: batch says {bad[1]}, store says {lengths[1]}"):
+    with pytest.raises(StoreError, match=rf"batch length does not match the stored length for sentence id 1: "
+                                         rf"batch says {bad[1]}, store says {lengths[1]}"):
         store.read(2, ids, bad)
     idx, p = make_batch(lengths, ids, seed=1, width=int(bad.max()))
     with pytest.raises(StoreError, match=r"batch length does not match.*including eos"):
@@ -562,7 +568,8 @@ def test_index_values_out_of_vocab_raised_by_next_call(store, lengths):
     idx, p = make_batch(lengths, ids, seed=1)
     idx[1, 0, 0] = V  # out of vocabulary
     store.write(1, ids, lengths[ids], idx, p)
-    with pytest.raises(StoreError, match=rf"earlier asynchronous write failed.*must be in \[0, vocab_size={V}\), got range \[\d+, {V}\].*not written"):
+    with pytest.raises(StoreError, match=rf"earlier asynchronous write failed.*must be in \[0, vocab_size={V}\), "
+                                         rf"got range \[\d+, {V}\].*not written"):
         store.flush()
     _, _, has = store.read(2, ids, lengths[ids])
     assert not has.any()  # the bad batch left no trace
@@ -670,6 +677,7 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.e2e
 def test_store_imports_no_fairseq():
     """The store (and its command line) serves tools that run without fairseq: importing it
     imports no fairseq module, and of fairseq_pskd only the store package (plus compat.py, which
@@ -681,6 +689,7 @@ def test_store_imports_no_fairseq():
     assert r.stdout.strip() == "[]", r.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", [["--help"], ["inspect", "STORE"], ["estimate", "--tokens", "1000",
                                                                         "--topk", "8", "--vocab-size", "100"]])
 def test_cli_imports_no_torch(tmp_path, lengths, command):
@@ -701,6 +710,7 @@ def test_cli_imports_no_torch(tmp_path, lengths, command):
             assert json.loads(r.stdout) == {**s.summary(), "locked_by": None}
 
 
+@pytest.mark.e2e
 def test_cli_inspect(tmp_path, lengths):
     with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
         write_epoch(s, 1, lengths, np.arange(7), seed=1)
@@ -714,6 +724,7 @@ def test_cli_inspect(tmp_path, lengths):
     assert [(b["epoch"], b["sentences_written"]) for b in out["buffers"]] == [(None, 0), (1, 7)]
 
 
+@pytest.mark.e2e
 def test_cli_estimate_and_errors(tmp_path):
     d = tmp_path / "data-bin"
     d.mkdir()
@@ -722,9 +733,10 @@ def test_cli_estimate_and_errors(tmp_path):
     write_fairseq_idx(d / "train.en-de.en.idx", [1, 1, 1, 1])
     (d / "dict.de.txt").write_text("".join(f"w{i} 1\n" for i in range(100)))
     # in-process: same code path as `python -m`, without the interpreter start-up
-    from fairseq_pskd.store import main
-    import io
     import contextlib
+    import io
+
+    from fairseq_pskd.store import main
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["estimate", "--data-bin", str(d), "--lang", "de", "--topk", "8", "--json"]) == 0
@@ -810,8 +822,10 @@ def test_free_space_check_counts_filesystem_blocks(tmp_path, lengths, monkeypatc
     exact = TopKStore.estimate_bytes(len(lengths), int(lengths.sum()), K, V)
     fake = os.statvfs_result((65536, 65536, 10**6, 10**6, 10**6, 10**6, 10**6, 10**6, 0, 255))
     monkeypatch.setattr(os, "statvfs", lambda p: fake)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - exact - 10, exact + 10))
-    with pytest.raises(StoreError, match=r"not enough disk space .*needs (\d+) bytes .*whole 65536-byte filesystem blocks.*"
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**12, 10**12 - exact - 10, exact + 10))
+    with pytest.raises(StoreError, match=r"not enough disk space .*needs (\d+) bytes "
+                                         r".*whole 65536-byte filesystem blocks.*"
                                          rf"{exact + 10} bytes .* free") as e:
         TopKStore.create(tmp_path / "s", lengths, K, V)
     needed = int(re.search(r"needs (\d+) bytes", str(e.value)).group(1))
@@ -865,21 +879,88 @@ def test_close_stops_writer_thread(tmp_path, lengths):
 
 
 def test_deferred_validation_of_device_ids(store, lengths):
-    """CUDA ids/lengths are checked on the writer thread (job.validated=False); same checks."""
+    """Device ids/lengths are checked on the writer thread (job.validated=False); same checks."""
     ids = np.array([0, 1])
     idx, p = make_batch(lengths, ids, seed=51)
-    core = store._core
+    rows = compact_rows(idx.to(torch.int32), p.half(), torch.as_tensor(lengths[ids]), int(lengths[ids].sum()))
 
-    def job(ids_, lens_, idx_=idx):
-        return _Job(1, 1, torch.as_tensor(ids_), torch.as_tensor(lens_), idx_.to(torch.int32), p.half(),
-                    None, [], validated=False)
+    def job(ids_, lens_, idx_rows=rows[0], p_rows=rows[1]):
+        return WriteJob(1, 1, np.asarray(ids_), np.asarray(lens_), idx_rows.numpy(), p_rows.numpy(), None, [],
+                        validated=False)
 
-    core.apply(job(ids, lengths[ids]))
+    store._maps.apply(job(ids, lengths[ids]))
     _, _, has = store.read(2, ids, lengths[ids])
     assert has.all()
     with pytest.raises(StoreError, match="batch length does not match"):
-        core.apply(job(ids, lengths[ids] + 1))
+        store._maps.apply(job(ids, lengths[ids] + 1))
     with pytest.raises(StoreError, match="out of range"):
-        core.apply(job([0, 10**6], lengths[ids]))
-    with pytest.raises(StoreError, match="target positions but the longest sentence"):
-        core.apply(job(ids, lengths[ids], idx[:, :1]))
+        store._maps.apply(job([0, 10**6], lengths[ids]))
+    with pytest.raises(StoreError, match=r"rows of indices/probs for \d+ target tokens"):
+        store._maps.apply(job(ids, lengths[ids], rows[0][:-1], rows[1][:-1]))
+
+
+# ------------------------------------------------------------------------------ compact rows
+
+def compact(idx, p, lengths, ids):
+    """The real tokens' (N, k) rows of a padded batch, sentence by sentence (reference)."""
+    n = [int(lengths[i]) for i in ids]
+    return (torch.cat([idx[r, :m] for r, m in enumerate(n)]), torch.cat([p[r, :m] for r, m in enumerate(n)]))
+
+
+def test_write_rows_takes_compact_rows_in_their_stored_dtypes(store, lengths):
+    ids = np.array([5, 0, 9, 3])
+    idx, p = make_batch(lengths, ids, seed=61, width=int(lengths[ids].max()) + 3)
+    ri, rp = compact(idx, p, lengths, ids)
+    store.write_rows(1, ids, lengths[ids], ri, rp)  # int64 / float32 tensors: narrowed on their device
+    store.flush()
+    assert_reads(store, 2, lengths, ids, idx, p)
+    # numpy rows already in the stored dtypes (uint16 / float16), as the all_gather path has them
+    store.write_rows(2, ids, lengths[ids], ri.numpy().astype(np.uint16), rp.numpy().astype(np.float16))
+    store.flush()
+    assert_reads(store, 3, lengths, ids, idx, p)
+    with pytest.raises(StoreError, match=rf"{len(ri) - 1} rows of indices/probs for {len(ri)} target tokens"):
+        store.write_rows(1, ids, lengths[ids], ri[1:], rp[1:])
+    with pytest.raises(StoreError, match=r"must have shape \(tokens, k\)"):
+        store.write_rows(1, ids, lengths[ids], idx, p)
+    with pytest.raises(StoreError, match="got top-3"):
+        store.write_rows(1, ids, lengths[ids], ri[:, :3], rp[:, :3])
+
+
+@pytest.mark.parametrize("lengths_of_batch", [[3, 0, 5, 1], [1], [0, 0]])
+def test_compact_rows_are_the_real_tokens_sentence_by_sentence(lengths_of_batch):
+    """compact_rows (the device path's compaction, here on CPU tensors) gives exactly the real
+    tokens' rows; lengths that do not sum to the token count give wrong rows, never an
+    out-of-range index (the writer refuses that batch when it checks the lengths)."""
+    lens = np.array(lengths_of_batch)
+    B, T, k = len(lens), max(int(lens.max()), 1) + 2, 3
+    idx = torch.arange(B * T * k).reshape(B, T, k)
+    p = torch.rand(B, T, k)
+    ri, rp = compact_rows(idx, p, torch.as_tensor(lens), int(lens.sum()))
+    ei, ep = compact(idx, p, lens, range(B))
+    assert torch.equal(ri, ei) and torch.equal(rp, ep)
+    wrong = torch.as_tensor(lens) + 7  # more tokens than the batch's width
+    ri, rp = compact_rows(idx, p, wrong, int(lens.sum()))
+    assert ri.shape == (int(lens.sum()), k)
+    # nothing is read back from the device: it runs on the meta device, where any read raises
+    meta = compact_rows(idx.to("meta"), p.to("meta"), torch.as_tensor(lens).to("meta"), int(lens.sum()))
+    assert meta[0].device.type == "meta" and meta[0].shape == (int(lens.sum()), k)
+
+
+def test_stage_rows_narrows_on_the_device_and_copies_cpu_rows_once():
+    """What write_rows hands the writer, here for CPU tensors: int32 indices (or the stored dtype
+    when they already have it), float16 probabilities, private copies unless told they are fresh."""
+    pool = PinnedPool(pin=False)
+    ids, lens = np.array([2, 7]), np.array([2, 1])
+    idx = torch.tensor([[1, 2], [3, 4], [5, 65535]])
+    p = torch.rand(3, 2)
+    got = stage_rows(ids, lens, idx, p, np.dtype("<u2"), pool)
+    h_ids, h_lens, h_idx, h_p, event, pinned = got
+    assert h_idx.dtype == np.int32 and h_p.dtype == np.float16 and event is None and pinned == []
+    assert h_idx.tolist() == idx.tolist() and np.array_equal(h_p, p.half().numpy())
+    idx.zero_()  # the caller reuses its tensors: the staged rows are a copy
+    assert h_idx[2, 1] == 65535 and h_ids.tolist() == [2, 7]
+    kept = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.uint16)
+    assert stage_rows(ids, lens, kept, p.half(), np.dtype("<u2"), pool)[2].dtype == np.uint16
+    assert stage_rows(ids, lens, kept, p.half(), np.dtype("<i4"), pool)[2].dtype == np.int32
+    fresh = p.half()
+    assert np.shares_memory(stage_rows(ids, lens, kept, fresh, np.dtype("<u2"), pool, copy=False)[3], fresh.numpy())

@@ -9,7 +9,6 @@ import importlib.util
 import os
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -99,25 +98,18 @@ def run_preprocess(
 def index_sizes(idx_path: Path) -> list[int]:
     """Sentence lengths (in tokens, incl. </s>) stored in a fairseq mmap .idx file.
 
-    Reads the header directly (MMIDIDX format of fairseq.data.indexed_dataset) so that checking
-    a data-bin does not need to import fairseq/torch.
+    Read with the store's reader of fairseq's index header (store/fairseq_index.py, which imports
+    neither fairseq nor torch), so that the store and data preparation accept the same files.
     """
-    import array
+    # imported here: the store package brings numpy, which `python -m fairseq_pskd.prepare` does
+    # not need to start
+    from ..store.errors import StoreError
+    from ..store.fairseq_index import read_fairseq_sizes
 
-    with open(idx_path, "rb") as f:
-        magic = f.read(9)
-        if magic != b"MMIDIDX\x00\x00":
-            raise PrepareError(f"{idx_path} is not a fairseq mmap index")
-        (version,) = struct.unpack("<Q", f.read(8))
-        if version != 1:
-            raise PrepareError(f"{idx_path}: unknown index version {version}")
-        f.read(1)  # dtype code of the .bin data
-        (n,) = struct.unpack("<Q", f.read(8))  # number of sentences; int32 sizes follow
-        sizes = array.array("i")  # int32, little-endian on every platform fairseq runs on
-        sizes.frombytes(f.read(4 * n))
-    if len(sizes) != n:
-        raise PrepareError(f"{idx_path} is truncated")
-    return sizes.tolist()
+    try:
+        return read_fairseq_sizes(str(idx_path)).tolist()
+    except StoreError as e:
+        raise PrepareError(str(e)) from e
 
 
 def count_pairs(data_bin: Path, split: str, src: str, tgt: str) -> int:

@@ -15,13 +15,21 @@ tools that run without fairseq.
 from .cli import main
 from .errors import StoreError, StoreLockedError
 from .fairseq_index import read_fairseq_sizes
-from .format import (FORMAT_VERSION, HEADER_NAME, LENGTH_DTYPE, LENGTHS_NAME, LOCK_NAME, PROB_DTYPE, STAMP_DTYPE,
-                     index_dtype)
+from .format import (
+    FORMAT_VERSION,
+    HEADER_NAME,
+    LENGTH_DTYPE,
+    LENGTHS_NAME,
+    LOCK_NAME,
+    PROB_DTYPE,
+    STAMP_DTYPE,
+    index_dtype,
+)
 from .lock import lock_holder
 
 # TopKStore reads and writes torch tensors; it is imported when first used, so that the command
 # line (inspect, estimate: numpy only) starts without importing torch.
-_LAZY = {"TopKStore": ".topk_store", "DEFAULT_MAX_PENDING": ".writer"}
+_LAZY = {"TopKStore": ".topk_store", "DEFAULT_MAX_PENDING": ".writer", "compact_rows": ".staging"}
 
 
 def __getattr__(name):
@@ -33,6 +41,7 @@ def __getattr__(name):
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["StoreError", "StoreLockedError", "TopKStore", "lock_holder", "read_fairseq_sizes", "main",
-           "index_dtype", "FORMAT_VERSION", "HEADER_NAME", "LENGTHS_NAME", "LOCK_NAME", "PROB_DTYPE", "STAMP_DTYPE",
-           "LENGTH_DTYPE", "DEFAULT_MAX_PENDING"]
+
+__all__ = ["StoreError", "StoreLockedError", "TopKStore", "compact_rows", "lock_holder", "read_fairseq_sizes",
+           "main", "index_dtype", "FORMAT_VERSION", "HEADER_NAME", "LENGTHS_NAME", "LOCK_NAME", "PROB_DTYPE",
+           "STAMP_DTYPE", "LENGTH_DTYPE", "DEFAULT_MAX_PENDING"]

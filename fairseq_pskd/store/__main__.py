@@ -3,4 +3,6 @@ import sys
 
 from .cli import main
 
+__all__: list = []  # run as a script; the command line's entry point is cli.main
+
 sys.exit(main())

@@ -10,10 +10,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import StoreError
-from .fairseq_index import _dict_size, _find_idx, read_fairseq_sizes
-from .format import PROB_DTYPE, _human, estimate_bytes, index_dtype
+from .fairseq_index import dictionary_size, find_index_file, read_fairseq_sizes
+from .format import PROB_DTYPE, estimate_bytes, human_bytes, index_dtype
 from .lock import lock_holder
 from .summary import inspect
+
+__all__ = ["main"]
 
 # numpy only: neither command needs torch (TopKStore), so the tool starts in a fraction of a second
 
@@ -32,19 +34,28 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="{inspect,estimate}", parser_class=_ArgumentParser)
     sub.required = True
     pi = sub.add_parser("inspect", help="print a store's header and per-buffer state as JSON",
-                        description="Print a store's header and per-buffer state as JSON (epochs and counts from the stamps).")
+                        description="Print a store's header and per-buffer state as JSON (epochs and counts "
+                                    "from the stamps).")
     pi.add_argument("dir", metavar="DIR", help="store directory (--pskd-store-dir)")
     pe = sub.add_parser("estimate", help="print the disk space a store needs",
-                        description="Print the disk space a store needs: num_tokens * k * (index bytes + 2) * 2 buffers, plus small per-sentence arrays. "
-                                    "Give --tokens/--sentences, or --data-bin/--split/--lang to read them from fairseq binarized data.")
+                        description="Print the disk space a store needs: num_tokens * k * (index bytes + 2) * 2 "
+                                    "buffers, plus small per-sentence arrays. Give --tokens/--sentences, or "
+                                    "--data-bin/--split/--lang to read them from fairseq binarized data.")
     pe.add_argument("--tokens", type=int, help="number of target tokens in the training set, eos included")
-    pe.add_argument("--sentences", type=int, help="number of training sentences (default: tokens / 30, stated in the output)")
-    pe.add_argument("--data-bin", metavar="DIR", help="fairseq-preprocess output directory; tokens and sentences are read from SPLIT.SRC-TGT.LANG.idx")
-    pe.add_argument("--idx", metavar="FILE", help="a fairseq .idx file to read sizes from (instead of --data-bin/--split/--lang)")
+    pe.add_argument("--sentences", type=int,
+                    help="number of training sentences (default: tokens / 30, stated in the output)")
+    pe.add_argument("--data-bin", metavar="DIR",
+                    help="fairseq-preprocess output directory; tokens and sentences are read from "
+                         "SPLIT.SRC-TGT.LANG.idx")
+    pe.add_argument("--idx", metavar="FILE",
+                    help="a fairseq .idx file to read sizes from (instead of --data-bin/--split/--lang)")
     pe.add_argument("--split", default="train", help="split to read with --data-bin (default: train)")
     pe.add_argument("--lang", help="target language with --data-bin (e.g. de)")
-    pe.add_argument("--topk", type=int, required=True, help="k, the number of (index, probability) pairs kept per token")
-    pe.add_argument("--vocab-size", type=int, help="target vocabulary size (decides uint16 vs int32 indices); default with --data-bin: from dict.LANG.txt")
+    pe.add_argument("--topk", type=int, required=True,
+                    help="k, the number of (index, probability) pairs kept per token")
+    pe.add_argument("--vocab-size", type=int,
+                    help="target vocabulary size (decides uint16 vs int32 indices); default with --data-bin: from "
+                         "dict.LANG.txt")
     pe.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -67,12 +78,12 @@ def _cmd_estimate(args) -> int:
         else:
             if not args.lang:
                 raise StoreError("--data-bin needs --lang (the target language, e.g. de)")
-            idx = _find_idx(args.data_bin, args.split, args.lang)
+            idx = find_index_file(args.data_bin, args.split, args.lang)
         sizes = read_fairseq_sizes(idx)
         tokens, sentences = int(sizes.astype(np.int64).sum()), int(sizes.size)
         notes.append(f"sizes from {idx}")
         if vocab is None and args.data_bin and args.lang:
-            vocab = _dict_size(args.data_bin, args.lang)
+            vocab = dictionary_size(args.data_bin, args.lang)
             if vocab is not None:
                 notes.append(f"vocab_size from dict.{args.lang}.txt (+4 specials)")
     if tokens is None:
@@ -99,16 +110,18 @@ def _cmd_estimate(args) -> int:
         "vocab_size": vocab,
         "index_dtype": index_dtype(vocab).name,
         "bytes": total,
-        "human": _human(total),
+        "human": human_bytes(total),
         "bytes_written_per_epoch": per_epoch,
         "notes": notes,
     }
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"PS-KD top-k store: {sentences} sentences, {tokens} target tokens, k={args.topk}, vocab {vocab} ({out['index_dtype']} indices)")
-        print(f"disk needed: {total} bytes ({total / 1e9:.2f} GB, {_human(total)})  [2 buffers x {tokens} x {args.topk} x ({ib} + 2) bytes + per-sentence arrays]")
-        print(f"written per epoch: {per_epoch} bytes ({per_epoch / 1e9:.2f} GB, {_human(per_epoch)})")
+        print(f"PS-KD top-k store: {sentences} sentences, {tokens} target tokens, k={args.topk}, vocab {vocab} "
+              f"({out['index_dtype']} indices)")
+        print(f"disk needed: {total} bytes ({total / 1e9:.2f} GB, {human_bytes(total)})  [2 buffers x {tokens} x "
+              f"{args.topk} x ({ib} + 2) bytes + per-sentence arrays]")
+        print(f"written per epoch: {per_epoch} bytes ({per_epoch / 1e9:.2f} GB, {human_bytes(per_epoch)})")
         for n in notes:
             print(f"note: {n}")
     return 0

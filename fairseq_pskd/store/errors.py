@@ -1,9 +1,12 @@
-"""The store's exceptions: every refusal is a StoreError whose message says what is wrong and what to do."""
+"""The store's exceptions: every refusal is a StoreError whose message says what is wrong and what
+to do."""
 from __future__ import annotations
 
 import os
 import socket
 from typing import Any, Dict, Optional
+
+__all__ = ["StoreError", "StoreLockedError"]
 
 
 class StoreError(ValueError):

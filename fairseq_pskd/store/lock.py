@@ -20,6 +20,8 @@ except ImportError:  # pragma: no cover - not POSIX: stores are then not locked 
 from .errors import StoreError, StoreLockedError
 from .format import LOCK_NAME
 
+__all__ = ["StoreLock", "lock_holder", "lock_or_undo"]
+
 # The package's logger: the name its warnings have always carried.
 logger = logging.getLogger(__package__)
 
@@ -71,7 +73,7 @@ def _warn_unlocked(directory: str, why: str) -> None:
         directory, why)
 
 
-class _StoreLock:
+class StoreLock:
     """An exclusive ``flock`` on ``DIR/lock``, held while a writable store is open.
 
     The kernel drops it when the descriptor is closed, however the process ends (``kill -9``
@@ -89,7 +91,7 @@ class _StoreLock:
         return self.fd is not None
 
     @classmethod
-    def acquire(cls, directory: str, owner: Optional[str] = None) -> "_StoreLock":
+    def acquire(cls, directory: str, owner: Optional[str] = None) -> "StoreLock":
         path = os.path.join(directory, LOCK_NAME)
         deadline = time.monotonic() + _LOCK_RETRY_S
         while True:
@@ -115,7 +117,8 @@ class _StoreLock:
                 if e.errno in _NO_LOCKING:
                     _warn_unlocked(directory, f"flock: {e.strerror or e}")
                     return cls(path, None, created)
-                raise StoreError(f"cannot lock {path}: {e.strerror or e}; pass a --pskd-store-dir on a local filesystem") from e
+                raise StoreError(f"cannot lock {path}: {e.strerror or e}; pass a --pskd-store-dir on a local "
+                                 f"filesystem") from e
             # A failed create removes the lock file it made: if that happened between our open and
             # our flock, we hold a lock on a file nobody else will open. Lock the one there now.
             try:
@@ -169,10 +172,10 @@ def lock_holder(directory) -> Optional[Dict[str, Any]]:
     return None
 
 
-def _lock_or_undo(path, owner, made_dir):
+def lock_or_undo(path, owner, made_dir) -> StoreLock:
     """The directory's ownership lock; on failure, remove the directory if this call made it."""
     try:
-        return _StoreLock.acquire(path, owner)
+        return StoreLock.acquire(path, owner)
     except BaseException:
         if made_dir:
             try:

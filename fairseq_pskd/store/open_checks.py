@@ -10,34 +10,49 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .errors import StoreError
-from .format import (_HINT_DIR, HEADER_NAME, LENGTHS_NAME, _array_files, _check_header, _delete_hint, _fingerprint,
-                     _looks_like_store, _not_a_directory, _not_a_store)
-from .inputs import _checked_lengths
+from .format import (
+    HEADER_NAME,
+    LENGTHS_NAME,
+    array_files,
+    check_header,
+    delete_store_hint,
+    lengths_fingerprint,
+    looks_like_store,
+    not_a_directory,
+    not_a_store,
+    unusable_store_hint,
+)
+from .inputs import checked_lengths
+
+__all__ = ["check_openable", "read_checked"]
 
 
-def _check_openable(path: str, readonly: bool) -> None:
+def check_openable(path: str, readonly: bool) -> None:
     """Refuse what is not a store before anything is locked or read: a missing directory, one
     without a header (an interrupted creation, or not a store at all), or an unwritable one."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise StoreError(_not_a_directory(path))
+        raise StoreError(not_a_directory(path))
     if not os.path.isdir(path):
-        raise StoreError(f"no PS-KD store at {path}: the directory does not exist; pass the store's directory (--pskd-store-dir; by default SAVE_DIR/pskd_store)")
+        raise StoreError(f"no PS-KD store at {path}: the directory does not exist; pass the store's directory "
+                         f"(--pskd-store-dir; by default SAVE_DIR/pskd_store)")
     hp = os.path.join(path, HEADER_NAME)
     if not os.path.exists(hp):
-        if _looks_like_store(path):
-            raise StoreError(f"{path} has no {HEADER_NAME}: its creation was interrupted; " + _HINT_DIR.format(path=path))
-        raise StoreError(_not_a_store(path))
+        if looks_like_store(path):
+            raise StoreError(f"{path} has no {HEADER_NAME}: its creation was interrupted; "
+                             + delete_store_hint(path))
+        raise StoreError(not_a_store(path))
     if not readonly and not os.access(path, os.W_OK):
-        raise StoreError(f"the PS-KD store at {path} is not writable by this user; fix the directory's permissions or pass another --pskd-store-dir")
+        raise StoreError(f"the PS-KD store at {path} is not writable by this user; fix the directory's "
+                         f"permissions or pass another --pskd-store-dir")
 
 
-def _read_checked(path: str, target_lengths, topk, vocab_size,
-                  dictionary_fp: Optional[str] = None) -> Tuple[Dict[str, Any], np.ndarray]:
+def read_checked(path: str, target_lengths, topk, vocab_size,
+                 dictionary_fp: Optional[str] = None) -> Tuple[Dict[str, Any], np.ndarray]:
     """The header and the memory-mapped lengths of the store in ``path``, once every file checks
     out; ``target_lengths``, ``topk``, ``vocab_size`` and ``dictionary_fp`` (the target
     dictionary's fingerprint), when not None, must match the store (a store that recorded no
     dictionary, written before it did, matches any)."""
-    hint = _delete_hint(path)
+    hint = unusable_store_hint(path)
     hp = os.path.join(path, HEADER_NAME)
     try:
         with open(hp, "r", encoding="utf-8") as f:
@@ -46,7 +61,7 @@ def _read_checked(path: str, target_lengths, topk, vocab_size,
         raise StoreError(f"{path} has no {HEADER_NAME}; " + hint) from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise StoreError(f"{hp} is unreadable or corrupt ({e}); " + hint) from e
-    header = _check_header(header, hp, hint)
+    header = check_header(header, hp, hint)
 
     lp = os.path.join(path, LENGTHS_NAME)
     try:
@@ -55,12 +70,15 @@ def _read_checked(path: str, target_lengths, topk, vocab_size,
         raise StoreError(f"{lp} is missing; the store is incomplete: " + hint) from e
     except (OSError, ValueError, EOFError) as e:
         raise StoreError(f"{lp} is truncated or corrupt ({e}); " + hint) from e
-    if stored.ndim != 1 or stored.shape[0] != header["num_sentences"] or not np.issubdtype(stored.dtype, np.integer):
-        raise StoreError(f"{lp} holds {stored.dtype} {stored.shape}, header says int ({header['num_sentences']},); the store is corrupt: " + hint)
-    if _fingerprint(stored) != header["lengths_fingerprint"] or int(stored.sum(dtype=np.int64)) != header["num_tokens"]:
+    n = header["num_sentences"]
+    if stored.ndim != 1 or stored.shape[0] != n or not np.issubdtype(stored.dtype, np.integer):
+        raise StoreError(f"{lp} holds {stored.dtype} {stored.shape}, header says int ({n},); the store is "
+                         f"corrupt: " + hint)
+    if lengths_fingerprint(stored) != header["lengths_fingerprint"] \
+            or int(stored.sum(dtype=np.int64)) != header["num_tokens"]:
         raise StoreError(f"{lp} does not match the fingerprint in {HEADER_NAME}; the store is corrupt: " + hint)
 
-    expected = _array_files(header["num_sentences"], header["num_tokens"], header["topk"], header["vocab_size"])
+    expected = array_files(header["num_sentences"], header["num_tokens"], header["topk"], header["vocab_size"])
     for name, size in expected.items():
         fp = os.path.join(path, name)
         try:
@@ -69,20 +87,17 @@ def _read_checked(path: str, target_lengths, topk, vocab_size,
             raise StoreError(f"{fp} is missing; the store is incomplete: " + hint) from None
         if actual != size:
             what = "truncated" if actual < size else "larger than expected"
-            raise StoreError(f"{fp} is {what}: {actual} bytes, the header needs {size}; the store is corrupt: " + hint)
+            raise StoreError(f"{fp} is {what}: {actual} bytes, the header needs {size}; the store is corrupt: "
+                             + hint)
 
     if target_lengths is not None:
-        given = _checked_lengths(target_lengths)
-        if given.size != header["num_sentences"] or _fingerprint(given) != header["lengths_fingerprint"]:
-            detail = f"store: {header['num_sentences']} sentences / {header['num_tokens']} target tokens; given: {given.size} sentences / {int(given.sum(dtype=np.int64))} target tokens"
-            if given.size == header["num_sentences"]:
-                first = int(np.flatnonzero(given != stored)[0])
-                detail += f"; first differing sentence id {first} (store {int(stored[first])}, given {int(given[first])})"
-            raise StoreError(f"the PS-KD store at {path} was built for another dataset (target lengths differ: {detail}); " + hint)
+        _check_same_dataset(path, header, stored, checked_lengths(target_lengths), hint)
     if topk is not None and int(topk) != header["topk"]:
-        raise StoreError(f"the PS-KD store at {path} keeps topk={header['topk']} but topk={int(topk)} was requested; use topk={header['topk']} or " + hint)
+        raise StoreError(f"the PS-KD store at {path} keeps topk={header['topk']} but topk={int(topk)} was "
+                         f"requested; use topk={header['topk']} or " + hint)
     if vocab_size is not None and int(vocab_size) != header["vocab_size"]:
-        raise StoreError(f"the PS-KD store at {path} was built for vocab_size={header['vocab_size']} but vocab_size={int(vocab_size)} was requested (another dictionary?); " + hint)
+        raise StoreError(f"the PS-KD store at {path} was built for vocab_size={header['vocab_size']} but "
+                         f"vocab_size={int(vocab_size)} was requested (another dictionary?); " + hint)
     recorded = header.get("dictionary_fingerprint")
     if dictionary_fp is not None and recorded is not None and dictionary_fp != recorded:
         raise StoreError(
@@ -91,3 +106,17 @@ def _read_checked(path: str, target_lengths, topk, vocab_size,
             f"{recorded[:12]}... in the store, {dictionary_fp[:12]}... given), so its stored indices would "
             f"name other words (was the data binarized again?); " + hint)
     return header, stored
+
+
+def _check_same_dataset(path: str, header: Dict[str, Any], stored: np.ndarray, given: np.ndarray,
+                        hint: str) -> None:
+    """Refuse target lengths other than those the store was built for (another training set)."""
+    if given.size == header["num_sentences"] and lengths_fingerprint(given) == header["lengths_fingerprint"]:
+        return
+    detail = (f"store: {header['num_sentences']} sentences / {header['num_tokens']} target tokens; given: "
+              f"{given.size} sentences / {int(given.sum(dtype=np.int64))} target tokens")
+    if given.size == header["num_sentences"]:
+        first = int(np.flatnonzero(given != stored)[0])
+        detail += f"; first differing sentence id {first} (store {int(stored[first])}, given {int(given[first])})"
+    raise StoreError(f"the PS-KD store at {path} was built for another dataset (target lengths differ: {detail}); "
+                     + hint)

@@ -8,8 +8,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .format import STAMP_DTYPE, _disk_usage, _human, _stamps_name
-from .open_checks import _check_openable, _read_checked
+from .format import STAMP_DTYPE, disk_usage, human_bytes, stamps_name
+from .open_checks import check_openable, read_checked
 
 __all__ = ["inspect", "stamp_summary", "summarize"]
 
@@ -27,7 +27,7 @@ def stamp_summary(stamps) -> Tuple[Optional[int], int, int]:
 def summarize(path: str, header: Dict[str, Any], stamps: Sequence) -> Dict[str, Any]:
     """The summary of the store in ``path`` with this (checked) ``header`` and the stamps of its
     two buffers."""
-    disk, alloc = _disk_usage(path)
+    disk, alloc = disk_usage(path)
     buffers = []
     for b in (0, 1):
         latest, written, stale = stamp_summary(stamps[b])
@@ -53,7 +53,7 @@ def summarize(path: str, header: Dict[str, Any], stamps: Sequence) -> Dict[str, 
         "run_id": header.get("run_id"),
         "run_save_dir": header.get("run_save_dir"),
         "disk_bytes": disk,
-        "disk_human": _human(disk),
+        "disk_human": human_bytes(disk),
         "allocated_bytes": alloc,
         "buffers": buffers,
     }
@@ -63,9 +63,9 @@ def inspect(path) -> Dict[str, Any]:
     """The summary of the store in ``path``, opened read-only with the checks of
     ``TopKStore.open`` (header, file sizes, lengths), without locking it."""
     path = os.path.abspath(os.fspath(path))
-    _check_openable(path, readonly=True)
-    header, _lengths = _read_checked(path, None, None, None)
+    check_openable(path, readonly=True)
+    header, _lengths = read_checked(path, None, None, None)
     n = int(header["num_sentences"])
-    stamps = [np.memmap(os.path.join(path, _stamps_name(b)), dtype=STAMP_DTYPE, mode="r", shape=(n,))
+    stamps = [np.memmap(os.path.join(path, stamps_name(b)), dtype=STAMP_DTYPE, mode="r", shape=(n,))
               for b in (0, 1)]
     return summarize(path, header, stamps)
