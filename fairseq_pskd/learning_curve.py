@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from .experiment import ExperimentError, _paired_bootstrap, _table_extras
+from .experiment import ExperimentError, paired_bootstrap, table_extras
 
 _LOADED_TRAIN = re.compile(r"loaded ([\d,]+) examples from: \S*train\.")
 _RUN_NAME = re.compile(r"^(?P<system>.+)-s(?P<seed>\d+)$")
@@ -53,12 +53,12 @@ def collect(run_dirs, subset="test"):
         if not m or not (d / "results.json").exists():
             raise ExperimentError(f"{d} is not a finished run named SYSTEM-sSEED (e.g. baseline-s1)")
         fixed = json.loads((d / "results.json").read_text())
-        fixed["_table"] = _table_extras(fixed, d)
+        fixed["_table"] = table_extras(fixed, d)
         fixed["_dir"] = d
         tuned = None
         if (d / "lenpen" / "results.json").exists():
             tuned = json.loads((d / "lenpen" / "results.json").read_text())
-            tuned["_table"], tuned["_dir"] = _table_extras(tuned, d / "lenpen"), d / "lenpen"
+            tuned["_table"], tuned["_dir"] = table_extras(tuned, d / "lenpen"), d / "lenpen"
         if subset not in fixed["tests"]:
             raise ExperimentError(f"{d}: no results on {subset!r}")
         key = (training_pairs(d), m.group("system"))
@@ -96,7 +96,7 @@ def _p_values(base, other, subset):
     for kind in ("fixed", "tuned"):
         pair = [base[kind], other[kind]]
         if all(pair):
-            _paired_bootstrap(pair, [x["_dir"] for x in pair])
+            paired_bootstrap(pair, [x["_dir"] for x in pair])
             p[kind] = pair[1]["_table"][subset].get("p")
     return p
 
@@ -183,6 +183,7 @@ def plot(rows, out, baseline="baseline", title=None):
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["size"] for r in rows}))
         ax.set_xticklabels([f"{s:,}" for s in sorted({r["size"] for r in rows})], rotation=30)
+        ax.set_xticks([], minor=True)  # a log axis's own minor labels (4x10^3, ...) would overlap
         ax.set_xlabel("training pairs")
         ax.set_title(label)
     axes[0].legend(fontsize=7)

@@ -23,7 +23,7 @@ from pathlib import Path
 _EPOCH = re.compile(r"\| epoch (\d+)\b")
 _NLL = re.compile(r"\| nll_loss (-?\d+(?:\.\d+)?)\b")
 _WALL = re.compile(r"\| wall (\d+(?:\.\d+)?)\b")
-# the configuration fairseq-train logs first thing, each time it starts (also read by experiment.py)
+# the configuration fairseq-train logs first thing, each time it starts (also read by experiment/run.py)
 TRAIN_START = "| fairseq_cli.train | {'_name'"
 
 

@@ -12,13 +12,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, USER_DIR, run_fairseq
 
 import fairseq_pskd  # noqa: F401  (torch>=2.6 loads fairseq checkpoints)
 from fairseq_pskd import calibration as cal
 from fairseq_pskd import evaluate as ev
 from fairseq_pskd.plots import parse_log
-
-from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, run_fairseq
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -253,6 +252,7 @@ def test_read_generate_hypotheses_nbest_and_empty(tmp_path):
     assert ids == [0, 1, 2] and hyps == ["", "best one", ""]
 
 
+@pytest.mark.e2e
 def test_score_errors_exit_2_without_traceback(gen_files, tmp_path):
     gen, ref = gen_files
     longer = tmp_path / "five.en"
@@ -277,6 +277,7 @@ def test_score_errors_exit_2_without_traceback(gen_files, tmp_path):
 
 # ----------------------------------------------------------------------------- tiny model
 
+@pytest.mark.e2e
 def test_calibration_end_to_end(toy_data_bin, baseline_run, tmp_path):
     from fairseq.data import Dictionary, data_utils
 
@@ -318,6 +319,7 @@ def test_calibration_missing_checkpoint_is_an_error(toy_data_bin, tmp_path, caps
     assert capsys.readouterr().err.startswith("error: checkpoint not found")
 
 
+@pytest.mark.e2e
 def test_average_two_epochs_and_generate(toy_data_bin, baseline_run, tmp_path):
     save, _ = baseline_run
     out = tmp_path / "avg.pt"

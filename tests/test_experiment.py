@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import MULTI30K_RAW, TINY_ARCH, TINY_TRAIN, epoch_stats, make_prepared, needs_multi30k
+
 from fairseq_pskd import experiment
 
 
@@ -45,16 +45,17 @@ def test_rerun_with_other_arguments_is_refused(prepared, tmp_path, capsys, recor
 
 def test_same_arguments_pass_and_are_recorded(tmp_path):
     out = trained_run(tmp_path, "results.json", ["--max-epoch", "12"])
-    experiment._check_same_training(out, out / "checkpoints", ["--max-epoch", "12"])
+    experiment.check_same_training(out, out / "checkpoints", ["--max-epoch", "12"])
     assert json.loads((out / "train_args.json").read_text()) == ["--max-epoch", "12"]
     # a directory without checkpoints (training never got going) may start over with new ones
     fresh = tmp_path / "fresh"
     (fresh / "checkpoints").mkdir(parents=True)
     (fresh / "train_args.json").write_text(json.dumps(["--max-epoch", "3"]))
-    experiment._check_same_training(fresh, fresh / "checkpoints", ["--max-epoch", "4"])
+    experiment.check_same_training(fresh, fresh / "checkpoints", ["--max-epoch", "4"])
     assert json.loads((fresh / "train_args.json").read_text()) == ["--max-epoch", "4"]
 
 
+@pytest.mark.e2e
 def test_every_test_sentence_is_decoded_scored_and_calibrated(tmp_path, capsys):
     """29 test sentences (not a multiple of fairseq's default --required-batch-size-multiple 8,
     which would leave out 5 of them): all 29 are translated, scored and calibrated."""
@@ -126,6 +127,7 @@ def hypotheses(generate_output):
     return [h[2] for h in sorted(lines, key=lambda h: int(h[0][2:]))]
 
 
+@pytest.mark.e2e
 @needs_multi30k
 def test_score_a_raw_test_set_through_the_run_preprocessing(m30k, tmp_path):
     """`experiment score` on the raw test_2017_mscoco files (461 sentences, not a multiple of
@@ -161,6 +163,7 @@ def test_score_refuses_what_it_cannot_score(tmp_path, capsys):
     assert "this needs a finished `experiment run` directory" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
     """table --paired-bs: sacreBLEU's p-value against the first run, the length ratio from the
     run's score file and the last validation nll_loss from its train.log."""
@@ -175,9 +178,11 @@ def test_table_shows_length_valid_nll_and_paired_bootstrap(tmp_path, capsys):
         d.mkdir()
         (d / "hyp.test.en").write_text("".join(h + "\n" for h in hyps))
         ratio = 1.0 if name == "base" else 0.4
-        (d / "score.test.json").write_text(json.dumps({"bleu_detail": f"BLEU = 1 (BP = 1 ratio = {ratio} hyp_len = 1)"}))
-        (d / "train.log").write_text("2026-01-01 00:00:00 | INFO | valid | epoch 001 | loss 4 | nll_loss 3.5 | ppl 11\n"
-                                     "2026-01-01 00:01:00 | INFO | valid | epoch 002 | loss 3 | nll_loss 2.75 | ppl 7\n")
+        (d / "score.test.json").write_text(
+            json.dumps({"bleu_detail": f"BLEU = 1 (BP = 1 ratio = {ratio} hyp_len = 1)"}))
+        (d / "train.log").write_text(
+            "2026-01-01 00:00:00 | INFO | valid | epoch 001 | loss 4 | nll_loss 3.5 | ppl 11\n"
+            "2026-01-01 00:01:00 | INFO | valid | epoch 002 | loss 3 | nll_loss 2.75 | ppl 7\n")
         (d / "results.json").write_text(json.dumps({
             "name": name, "corpus": "toy", "src": "de", "tgt": "en", "prepared": str(prepared),
             "max_epoch": 2, "train_seconds": 60, "tests": {"test": {
@@ -211,6 +216,7 @@ def test_table_means_over_seeds(tmp_path, capsys):
     assert "| pskd-a0.1 | test | 1 | 33.00 | 50.00 | 3.00 | 2.000 | 100.0 | - | - | +2.00 |" in out
 
 
+@pytest.mark.e2e
 def test_updates_per_epoch_is_what_fairseq_train_does(prepared, baseline_run, capsys):
     """The count a schedule is derived from (quickstart --train-size) is the number of updates
     fairseq-train made in an epoch with the same arguments; --update-freq divides it."""

@@ -228,6 +228,7 @@ def pair_run(release, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_pair_tgz_en_de(pair_run, release):
     out, proc = pair_run
     check_extracted(out, "en", "de")
@@ -256,6 +257,7 @@ def test_pair_tgz_en_de(pair_run, release):
     assert (out / "spm.model").is_file() and (out / "spm.vocab").is_file()
 
 
+@pytest.mark.e2e
 def test_whole_release_de_en_and_option_change(release, tmp_path, capsys):
     """de->en from 2015-01.tgz (uses the de-en archive inside); then a vocabulary change
     re-runs sentencepiece and what follows, but not extraction or tokenisation."""
@@ -280,6 +282,7 @@ def test_whole_release_de_en_and_option_change(release, tmp_path, capsys):
     assert json.loads((out / "prepare.json").read_text())["vocab_size"] == 120
 
 
+@pytest.mark.e2e
 def test_train_size_subset(release, tmp_path, capsys):
     """--train-size N: a seeded random subset of N cleaned training pairs, in corpus order, that
     sentencepiece and fairseq-preprocess see (dev and test untouched), recorded in the manifest;
@@ -322,7 +325,8 @@ def test_train_size_subset(release, tmp_path, capsys):
 
 def test_directory_and_other_orientation(release, tmp_path, capsys):
     # an extracted folder (holding en-de/ and de-en/): en->de picks the en-de files
-    code, err = run_inprocess(capsys, "--out", tmp_path / "a", "--raw", release["dir"], "--stop-after", "extract", *TINY)
+    code, err = run_inprocess(capsys, "--out", tmp_path / "a", "--raw", release["dir"], "--stop-after", "extract",
+                              *TINY)
     assert code == 0, err
     check_extracted(tmp_path / "a", "en", "de")
     # de->en from the en-de archive only: the other orientation's files are used
@@ -335,7 +339,8 @@ def test_directory_and_other_orientation(release, tmp_path, capsys):
     d = tmp_path / "release" / "2015-01" / "texts" / "en" / "de"
     d.mkdir(parents=True)
     shutil.copy(release["pair_tgz"], d / "en-de.tgz")
-    code, err = run_inprocess(capsys, "--out", tmp_path / "c", "--raw", tmp_path / "release", "--stop-after", "extract", *TINY)
+    code, err = run_inprocess(capsys, "--out", tmp_path / "c", "--raw", tmp_path / "release",
+                              "--stop-after", "extract", *TINY)
     assert code == 0, err
     check_extracted(tmp_path / "c", "en", "de")
 
@@ -357,6 +362,7 @@ def test_corrupt_archives(release, tmp_path, capsys):
     assert code == 1 and "not a readable .tgz" in err
 
 
+@pytest.mark.e2e
 def test_corrupt_archive_through_script(release, tmp_path):
     data = release["whole"].read_bytes()
     bad = tmp_path / "2015-01.tgz"

@@ -7,10 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
-from fairseq_pskd.prepare import binarize, cli, subword, text
-
+import pytest
 from conftest import MULTI30K_RAW as RAW
-from conftest import needs_multi30k, run_prepare_multi30k as run_script
+from conftest import needs_multi30k
+from conftest import run_prepare_multi30k as run_script
+
+from fairseq_pskd.prepare import binarize, cli, subword, text
 
 pytestmark = needs_multi30k
 
@@ -26,6 +28,7 @@ def copy_raw(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.e2e
 def test_data_bin_counts(m30k):
     out, _, seconds = m30k
     assert seconds < 300, f"prepare took {seconds:.0f}s"
@@ -43,6 +46,7 @@ def test_data_bin_counts(m30k):
     assert (out / "spm.model").is_file() and (out / "spm.vocab").is_file()
 
 
+@pytest.mark.e2e
 def test_manifest(m30k):
     out = m30k[0]
     m = json.loads((out / "prepare.json").read_text(encoding="utf-8"))
@@ -57,6 +61,7 @@ def test_manifest(m30k):
     assert set(m["tools"]) >= {"sacremoses", "sentencepiece", "fairseq", "python"}
 
 
+@pytest.mark.e2e
 def test_references(m30k):
     out = m30k[0]
     for split, n in PAIRS.items():
@@ -71,6 +76,7 @@ def test_references(m30k):
             assert lines == [text.squash_whitespace(x) for x in raw]  # untokenised, unnormalised
 
 
+@pytest.mark.e2e
 def test_detokenize_round_trip(m30k):
     """What the evaluation does: pieces -> --post-process sentencepiece -> detokenize, against
     the raw reference. Reports the share of lines that come back exactly."""
@@ -90,6 +96,7 @@ def test_detokenize_round_trip(m30k):
         assert sum(a == b for a, b in zip(text.detokenize(raw_tok, lang), ref)) / len(ref) >= 0.99
 
 
+@pytest.mark.e2e
 def test_rerun_is_fast_and_skips(m30k):
     out = m30k[0]
     stamp = (out / "data-bin" / "train.de-en.de.bin").stat().st_mtime_ns
@@ -102,6 +109,7 @@ def test_rerun_is_fast_and_skips(m30k):
     assert seconds < 60, seconds
 
 
+@pytest.mark.e2e
 def test_corrupt_gz(tmp_path):
     raw = copy_raw(tmp_path / "raw")
     f = raw / "train.de.gz"

@@ -12,28 +12,23 @@ their raw, line-parallel text. Everything after that is the same for every corpu
     refs      raw text of the non-train splits                -> OUT/ref/<split>.<lang>
     manifest                                                  -> OUT/prepare.json
 
-Idempotence: each step writes OUT/tmp/done/<step>.json after it succeeded. The marker holds a
-key, a hash of everything the step's output depends on (its options, tool versions and the key
-of the step before it), so a changed option re-runs that step and all later ones and nothing
-earlier. A step whose marker is missing, stale, or whose outputs are gone runs again.
+Idempotence: each step runs only when what its output depends on changed (steps.py); the
+manifest describes the result (manifest.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import platform
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from . import binarize, subword, text
 from .errors import PrepareError
+from .manifest import build_manifest, write_manifest
+from .steps import Steps, step_key, tool_versions
 
-MANIFEST_VERSION = 1
+__all__ = ["Split", "Options", "Source", "run"]
 
 
 @dataclass
@@ -87,78 +82,6 @@ class Source:
         raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def _hash(*parts) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def _dist_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            v = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-        return v if name == names[0] else f"{v} ({name})"
-    return None
-
-
-def tool_versions() -> dict:
-    return {
-        "python": platform.python_version(),
-        "sacremoses": _dist_version("sacremoses"),
-        "sentencepiece": _dist_version("sentencepiece"),
-        # the maintained builds for new Pythons use other distribution names
-        "fairseq": _dist_version("fairseq", "ve-fairseq", "fairseq-fixed"),
-        "sacrebleu": _dist_version("sacrebleu"),
-        "torch": _dist_version("torch"),
-    }
-
-
-class Steps:
-    """Done-markers: OUT/tmp/done/<step>.json = {"key": ..., "payload": ...}."""
-
-    def __init__(self, done_dir: Path, log):
-        self.dir = done_dir
-        self.log = log
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def _marker(self, name: str) -> Path:
-        return self.dir / f"{name}.json"
-
-    def done(self, name: str, key: str, outputs: list[Path]) -> dict | None:
-        """The payload of a finished step whose key matches and outputs exist, else None."""
-        try:
-            m = json.loads(self._marker(name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if m.get("key") != key or not all(Path(p).exists() for p in outputs):
-            return None
-        return m.get("payload") or {}
-
-    def run(self, name: str, key: str, outputs: list[Path], fn: Callable[[], dict | None]):
-        payload = self.done(name, key, outputs)
-        if payload is not None:
-            self.log(f"step {name}: up to date, skipped")
-            self.skipped.append(name)
-            return payload
-        self._marker(name).unlink(missing_ok=True)
-        self.log(f"step {name}: running")
-        t0 = time.time()
-        payload = fn() or {}
-        payload["seconds"] = round(time.time() - t0, 2)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        part = self._marker(name).with_suffix(".part")
-        part.write_text(json.dumps({"key": key, "payload": payload}, indent=1), encoding="utf-8")
-        part.replace(self._marker(name))  # the marker appears only once the step succeeded
-        self.log(f"step {name}: done in {payload['seconds']:.1f}s")
-        self.ran.append(name)
-        return payload
-
-
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(1 for _ in f)
@@ -199,15 +122,15 @@ def run(source: Source, opt: Options) -> dict:
 
     # --- keys (computable up front: they depend on options and input identity only) ----------
     versions = tool_versions()
-    k_extract = _hash("extract", source.corpus, source.fingerprint(), langs,
-                      [(s.name, s.label) for s in splits])  # fmt: skip
-    k_tok = _hash("tokenize", k_extract, opt.normalize_punct, versions["sacremoses"])
+    k_extract = step_key("extract", source.corpus, source.fingerprint(), langs,
+                         [(s.name, s.label) for s in splits])  # fmt: skip
+    k_tok = step_key("tokenize", k_extract, opt.normalize_punct, versions["sacremoses"])
     subset = [opt.train_size, opt.train_size_seed] if opt.train_size else None
-    k_clean = _hash("clean", k_tok, opt.min_len, opt.max_len, opt.max_ratio, *([subset] if subset else []))
-    k_spm = _hash("spm", k_clean, opt.vocab_size, opt.spm_model_type, versions["sentencepiece"])
-    k_encode = _hash("encode", k_spm)
-    k_bin = _hash("binarize", k_encode, versions["fairseq"])
-    k_refs = _hash("refs", k_extract)
+    k_clean = step_key("clean", k_tok, opt.min_len, opt.max_len, opt.max_ratio, *([subset] if subset else []))
+    k_spm = step_key("spm", k_clean, opt.vocab_size, opt.spm_model_type, versions["sentencepiece"])
+    k_encode = step_key("encode", k_spm)
+    k_bin = step_key("binarize", k_encode, versions["fairseq"])
+    k_refs = step_key("refs", k_extract)
 
     def files(d: Path, split_names) -> list[Path]:
         return [d / f"{n}.{lang}" for n in split_names for lang in langs]
@@ -389,75 +312,12 @@ def run(source: Source, opt: Options) -> dict:
     steps.run("refs", k_refs, files(ref_dir, [s.name for s in eval_splits]), do_refs)
 
     # --- manifest (always rewritten: cheap, and reflects the current state) -----------------
-    split_info = {}
-    for s in splits:
-        d = {
-            "label": s.label,
-            "origin": s.origin,
-            "pairs": bin_info["pairs"][s.name],
-        }
-        if s.name == "train":
-            d["pairs_before_cleaning"] = clean_info["pairs_before"]
-        else:
-            d["ref"] = {lang: f"ref/{s.name}.{lang}" for lang in langs}
-        split_info[s.name] = d
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "corpus": source.corpus,
-        "description": source.description,
-        "src": src,
-        "tgt": tgt,
-        "vocab_size": opt.vocab_size,
-        "data_bin": "data-bin",
-        "dict": {"size": bin_info["dict_size"], "files": [f"data-bin/dict.{lang}.txt" for lang in langs],
-                 "joined": True},  # fmt: skip
-        "spm": {
-            "model": "spm.model",
-            "vocab": "spm.vocab",
-            "model_type": opt.spm_model_type,
-            "vocab_size_requested": opt.vocab_size,
-            "pieces": spm_info["pieces"],
-            "character_coverage": 1.0,
-            "normalization_rule_name": "identity",
-            "trained_on": f"cleaned training text, {src} and {tgt} together",
-            "roundtrip_exact": enc_info["roundtrip_exact"],
-        },
-        "text": {
-            "normalize_punctuation": opt.normalize_punct,
-            "tokenizer": "sacremoses MosesTokenizer(lang).tokenize(escape=False)",
-            "detokenizer": "fairseq_pskd.prepare.text.detokenize(lines, lang)",
-        },
-        "cleaning": {
-            "applied_to": "train only",
-            "unit": "Moses tokens",
-            "min_len": opt.min_len,
-            "max_len": opt.max_len or None,
-            "max_ratio": opt.max_ratio or None,
-            "pairs_before": clean_info["pairs_before"],
-            "pairs_after": clean_info["pairs_after"],
-            # --train-size: the pairs kept are a seeded random subset of the cleaned ones
-            "train_size": opt.train_size,
-            "train_size_seed": opt.train_size_seed if opt.train_size else None,
-            "pairs_cleaned": clean_info.get("pairs_cleaned", clean_info["pairs_after"]),
-        },
-        "splits": split_info,
-        "test_sets": {s.name: s.label for s in test_splits},
-        "source": {k: v for k, v in extract_info.items() if k not in ("lines", "origin", "seconds")},
-        "binarize_command": bin_info.get("command"),
-        "tools": versions,
-        "evaluate": (
-            f"fairseq-generate {out / 'data-bin'} -s {src} -t {tgt} --gen-subset test "
-            "--path CHECKPOINT --beam 5 --post-process sentencepiece --required-batch-size-multiple 1 "
-            "| grep '^H-' | sort -V "
-            f"| cut -f3 | python -m fairseq_pskd.prepare detokenize --lang {tgt} "
-            f"| sacrebleu {out / 'ref' / ('test.' + tgt)}"
-        ),
-    }
-    part = out / "prepare.json.part"
-    part.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    part.replace(out / "prepare.json")
+    payloads = {"extract": extract_info, "clean": clean_info, "spm": spm_info, "encode": enc_info,
+                "binarize": bin_info}
+    manifest = build_manifest(source, opt, out, payloads, versions)
+    manifest_path = write_manifest(out, manifest)
     log(
         f"finished in {time.time() - t_start:.1f}s (ran: {', '.join(steps.ran) or 'nothing'}; "
-        f"skipped: {', '.join(steps.skipped) or 'nothing'}); manifest: {out / 'prepare.json'}"
+        f"skipped: {', '.join(steps.skipped) or 'nothing'}); manifest: {manifest_path}"
     )
     return manifest
