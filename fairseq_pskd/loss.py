@@ -9,7 +9,7 @@ REMAINDERS = ("current", "uniform", "renormalize")
 
 
 def pskd_loss(lprobs, target, alpha, epsilon, prior_indices=None, prior_probs=None,
-              prior_mask=None, remainder="uniform", ignore_index=None, reduce=True):
+              prior_mask=None, remainder="current", ignore_index=None, reduce=True):
     """Soft-target cross-entropy of PS-KD, per token, in float32.
 
     Args:
@@ -20,11 +20,11 @@ def pskd_loss(lprobs, target, alpha, epsilon, prior_indices=None, prior_probs=No
         prior_indices, prior_probs: (N, k) stored top-k of the previous epoch's
             distribution (None: no prior for any token).
         prior_mask: (N,) bool, True where the token has a prior.
-        remainder: what the mass r = 1 - sum(prior_probs) means: "uniform" spreads it over
-            the V - k other tokens; "current" spreads it over them in proportion to the
+        remainder: what the mass r = 1 - sum(prior_probs) means: "current" (the default, as
+            --pskd-remainder's) spreads it over the V - k other tokens in proportion to the
             current model's own probabilities pi = exp(lprobs), detached (the target asks
-            the tail to hold r and leaves its shape to the model); "renormalize" drops it
-            and rescales the top-k.
+            the tail to hold r and leaves its shape to the model); "uniform" spreads it
+            evenly over them; "renormalize" drops it and rescales the top-k.
         ignore_index: padding index (those tokens contribute 0).
 
     Returns:
@@ -132,8 +132,10 @@ class _TailMeanLogProb(torch.autograd.Function):
 
 def _tail_weights(lprobs, indices, block_elements=1 << 22):
     """(row slice, w) per block of rows: w = exp(lprobs) with the stored columns zeroed and
-    normalised per row (an empty tail stays all zeros, never 0/0). One block on CUDA (no
-    page faults there, and few kernel launches); about 16 MB blocks on CPU."""
+    normalised per row, taken relative to the tail's own maximum so that a tail whose
+    probabilities underflow in float32 keeps its shape (as in pskd_loss_from_logits); a tail
+    with no finite log-probability stays all zeros, never 0/0. One block on CUDA (no page
+    faults there, and few kernel launches); about 16 MB blocks on CPU."""
     n, vocab = lprobs.shape
     step = n if lprobs.is_cuda else max(1, block_elements // vocab)
     buf = None
@@ -143,8 +145,10 @@ def _tail_weights(lprobs, indices, block_elements=1 << 22):
             lp = lprobs[rows]
             if buf is None or buf.size(0) != lp.size(0):
                 buf = torch.empty_like(lp)
-            w = torch.exp(lp, out=buf)
-            w.scatter_(1, indices[rows], 0.0)
+            w = buf.copy_(lp)
+            w.scatter_(1, indices[rows], float("-inf"))
+            top = w.amax(-1, keepdim=True)
+            w.sub_(top.nan_to_num_(neginf=0.0)).exp_()  # an empty tail: exp(-inf) = 0
             w.div_(w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny))
             yield rows, w
 

@@ -1,44 +1,12 @@
-"""The PS-KD loss against a dense reference written here in plain torch (full vocabulary)."""
+"""loss.pskd_loss (the log-softmax path) against the dense reference of tests/_reference.py:
+the loss and its gradient for every remainder, k = V and small k, the documented error bound of
+the uniform remainder, label smoothing at a_t = 0, rows without a prior, padding, float16 priors."""
 import pytest
 import torch
+from _reference import PAD, dense_loss, dense_prior, reference
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from fairseq_pskd.loss import pskd_loss
-
-PAD = 1
-
-
-def dense_reference(logits, target, alpha, eps, prior_dense, prior_mask, pad=PAD):
-    """-sum_v q_v log p_v with q = (1 - a) y_ls + a prior, written out over the whole vocabulary."""
-    lprobs = torch.log_softmax(logits.float(), -1)
-    n, vocab = lprobs.shape
-    y = torch.full((n, vocab), eps / (vocab - 1))
-    y.scatter_(1, target.unsqueeze(1), 1.0 - eps)
-    a = alpha * prior_mask.float().unsqueeze(1)
-    q = (1 - a) * y + a * prior_dense
-    per_token = -(q * lprobs).sum(-1)
-    return per_token.masked_fill(target.eq(pad), 0.0).sum()
-
-
-def densify(idx, probs, vocab, remainder, logits=None):
-    """The dense distribution a stored top-k stands for, in each remainder mode ("current"
-    needs the current model's logits: the tail follows its softmax)."""
-    n, k = idx.shape
-    dense = torch.zeros(n, vocab)
-    if remainder == "uniform" and vocab > k:
-        rest = (1 - probs.sum(-1)).clamp_min(0) / (vocab - k)
-        dense += rest.unsqueeze(1)
-        dense.scatter_(1, idx, probs)
-    elif remainder == "current":
-        # P~_v = r * pi_v / sum_{u not in K} pi_u outside K, the stored p_v inside K
-        pi = torch.softmax(logits.detach().float(), -1).scatter(1, idx, 0.0)
-        r = (1 - probs.float().sum(-1)).clamp_min(0)
-        tail = pi.sum(-1, keepdim=True)
-        dense = torch.where(tail > 0, r.unsqueeze(1) * pi / tail, torch.zeros_like(pi))
-        dense.scatter_(1, idx, probs.float())
-    else:
-        dense.scatter_(1, idx, probs / probs.sum(-1, keepdim=True))
-    return dense
 
 
 def make_case(n=37, vocab=23, seed=0):
@@ -54,16 +22,16 @@ def make_case(n=37, vocab=23, seed=0):
 def run_pskd(logits, target, alpha, eps, idx, probs, mask, remainder):
     x = logits.clone().requires_grad_(True)
     loss, nll, _ = pskd_loss(torch.log_softmax(x, -1), target, alpha, eps, idx, probs, mask,
-                             remainder, ignore_index=PAD)
+                             remainder=remainder, ignore_index=PAD)
     loss.backward()
     return loss.detach(), nll.detach(), x.grad
 
 
-def run_dense(logits, target, alpha, eps, dense, mask):
-    x = logits.clone().requires_grad_(True)
-    loss = dense_reference(x, target, alpha, eps, dense, mask)
-    loss.backward()
-    return loss.detach(), x.grad
+def assert_matches(loss, grad, ref):
+    """pskd_loss's loss and gradient (float32) against the float64 reference's (loss, grad)."""
+    ref_loss, ref_grad = ref
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("remainder", ["uniform", "current", "renormalize"])
@@ -74,9 +42,7 @@ def test_full_k_matches_dense_reference(remainder, eps, alpha):
     vocab = logits.size(1)
     probs, idx = teacher.topk(vocab, -1)  # k = V: the stored prior is the whole distribution
     loss, _, grad = run_pskd(logits, target, alpha, eps, idx, probs, mask, remainder)
-    ref_loss, ref_grad = run_dense(logits, target, alpha, eps, teacher, mask)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert_matches(loss, grad, dense_loss(logits, target, alpha, eps, teacher, mask))
 
 
 @pytest.mark.parametrize("remainder", ["uniform", "current", "renormalize"])
@@ -88,31 +54,28 @@ def test_small_k_is_exact_for_the_distribution_it_stands_for(remainder, k):
     logits, target, teacher, mask = make_case()
     probs, idx = teacher.topk(k, -1)
     loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, remainder)
-    dense = densify(idx, probs, logits.size(1), remainder, logits)
-    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1, dense, mask)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert_matches(loss, grad, reference(logits, target, 0.8, 0.1, idx, probs, mask, remainder))
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 16])
 def test_small_k_error_bound_uniform(k):
-    """Documented bound (README): per token, |L_k - L_full| <= a * r * (max - min of -log p over
-    the tokens outside the top-k), r the mass outside the top-k; it vanishes as k -> V."""
+    """The bound docs/METHOD.md states: per token, |L_k - L_full| <= a * r * (max - min of -log p
+    over the tokens outside the top-k), r the mass outside the top-k; it vanishes as k -> V."""
     logits, target, teacher, mask = make_case(seed=3)
     mask[:] = True
     target[:] = torch.clamp(target, min=2)
     alpha = 0.8
     lprobs = torch.log_softmax(logits, -1)
     probs, idx = teacher.topk(k, -1)
-    approx, _, _ = pskd_loss(lprobs, target, alpha, 0.0, idx, probs, mask, "uniform", reduce=False)
-    full = torch.stack([dense_reference(logits[i:i + 1], target[i:i + 1], alpha, 0.0,
-                                        teacher[i:i + 1], mask[i:i + 1]) for i in range(len(target))])
+    approx, _, _ = pskd_loss(lprobs, target, alpha, 0.0, idx, probs, mask, remainder="uniform",
+                             reduce=False)
+    full, _ = dense_loss(logits, target, alpha, 0.0, teacher, mask, reduce=False)
     outside = torch.ones_like(lprobs, dtype=torch.bool).scatter_(1, idx, False)
     neg_lp = -lprobs
     spread = (neg_lp.masked_fill(~outside, -1e9).max(-1).values
               - neg_lp.masked_fill(~outside, 1e9).min(-1).values)
     bound = alpha * (1 - probs.sum(-1)) * spread
-    assert torch.all((approx - full).abs() <= bound + 1e-5)
+    assert torch.all((approx.double() - full).abs() <= bound + 1e-5)
 
 
 def test_alpha_zero_equals_label_smoothed_cross_entropy():
@@ -133,7 +96,7 @@ def test_no_prior_tokens_get_the_hard_target():
     probs, idx = teacher.topk(5, -1)
     none = torch.zeros(len(target), dtype=torch.bool)
     loss, _, mass = pskd_loss(torch.log_softmax(logits, -1), target, 0.9, 0.1, idx, probs, none,
-                              "uniform", ignore_index=PAD)
+                              remainder="uniform", ignore_index=PAD)
     ref, _ = label_smoothed_nll_loss(torch.log_softmax(logits, -1), target, 0.1, ignore_index=PAD)
     torch.testing.assert_close(loss, ref)
     assert mass.item() == 0.0
@@ -143,12 +106,13 @@ def test_padding_contributes_nothing():
     logits, target, teacher, mask = make_case()
     probs, idx = teacher.topk(4, -1)
     lprobs = torch.log_softmax(logits, -1)
-    full, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, "uniform", ignore_index=PAD)
+    full, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, remainder="uniform",
+                           ignore_index=PAD)
     keep = target.ne(PAD)
     only, _, _ = pskd_loss(lprobs[keep], target[keep], 0.8, 0.1, idx[keep], probs[keep], mask[keep],
-                           "uniform", ignore_index=PAD)
+                           remainder="uniform", ignore_index=PAD)
     torch.testing.assert_close(full, only)
-    per_tok, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, "uniform",
+    per_tok, _, _ = pskd_loss(lprobs, target, 0.8, 0.1, idx, probs, mask, remainder="uniform",
                               ignore_index=PAD, reduce=False)
     assert torch.all(per_tok[~keep] == 0)
 
@@ -168,7 +132,7 @@ def test_float16_priors_and_zero_probabilities_stay_finite(remainder):
     target = torch.tensor([2, 3, 4, 6, 7, PAD])
     mask = torch.ones(n, dtype=torch.bool)
     loss, nll, mass = pskd_loss(torch.log_softmax(x, -1), target, 0.8, 0.1, idx, probs, mask,
-                                remainder, ignore_index=PAD)
+                                remainder=remainder, ignore_index=PAD)
     assert torch.isfinite(loss) and torch.isfinite(nll) and torch.isfinite(mass)
     loss.backward()
     assert torch.isfinite(x.grad).all()
@@ -193,26 +157,38 @@ def test_current_remainder_keeps_the_tail_shape_of_the_current_model():
     assert grad_u.abs().max() > 1e-3
 
 
-def test_current_remainder_edge_cases_are_finite_and_exact():
-    """r = 0 (the top-k holds all the mass), a tail the model gives no mass at all (float32
-    underflow: the tail's mass is dropped, never 0/0), rows without prior and padding."""
-    n, vocab, k = 6, 9, 3
+def edge_case(underflow=False):
+    """r = 0 in row 0 (the top-k holds all the mass), rows without prior (3) and padding (5);
+    with ``underflow``, row 1's tail tokens have probabilities far below float32's smallest."""
+    n, vocab = 6, 9
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(n, vocab, generator=g)
-    logits[1, 3:] = -200.0  # every tail token underflows to probability exactly 0
+    if underflow:
+        logits[1, 3:] = -200.0  # e^-200: 0 in float32, not in float64
     idx = torch.tensor([[0, 1, 2]] * n)
     probs = torch.tensor([[0.5, 0.3, 0.1]] * n)
     probs[0] = torch.tensor([0.5, 0.3, 0.2])  # r = 0
     target = torch.tensor([4, 5, 0, 6, 7, PAD])
     mask = torch.tensor([True, True, True, False, True, True])
+    return logits, target, idx, probs, mask
+
+
+def test_current_remainder_edge_cases_are_finite_and_exact():
+    logits, target, idx, probs, mask = edge_case()
     loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    dense = densify(idx, probs, vocab, "current", logits)
-    assert dense[1, 3:].sum() == 0  # nothing to follow: the tail's mass is dropped
-    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1, dense, mask)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert dense_prior(idx, probs, logits.size(1), "current", logits)[0, 3:].sum() == 0  # r = 0
+    assert_matches(loss, grad, reference(logits, target, 0.8, 0.1, idx, probs, mask, "current"))
     assert torch.all(grad[5] == 0)  # padding
+
+
+def test_current_tail_that_underflows_in_float32_keeps_its_share():
+    """The tail holds r even where every tail probability underflows in float32: its shape is
+    the model's softmax over the tail, which is defined (here e^-200 each, equal shares)."""
+    logits, target, idx, probs, mask = edge_case(underflow=True)
+    loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_matches(loss, grad, reference(logits, target, 0.8, 0.1, idx, probs, mask, "current"))
 
 
 def test_current_remainder_over_row_blocks(monkeypatch):
@@ -224,7 +200,4 @@ def test_current_remainder_over_row_blocks(monkeypatch):
     logits, target, teacher, mask = make_case()
     probs, idx = teacher.topk(4, -1)
     loss, _, grad = run_pskd(logits, target, 0.8, 0.1, idx, probs, mask, "current")
-    ref_loss, ref_grad = run_dense(logits, target, 0.8, 0.1,
-                                   densify(idx, probs, logits.size(1), "current", logits), mask)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert_matches(loss, grad, reference(logits, target, 0.8, 0.1, idx, probs, mask, "current"))

@@ -1,54 +1,15 @@
-"""The PS-KD loss from the logits in one pass (loss.pskd_loss_from_logits) against a float64
-dense reference that builds q explicitly: the loss and its gradient with respect to the logits,
-for every remainder, k = V and small k, stored zeros, float16 top-k sums above 1, a tail whose
-probabilities underflow, float16 and bfloat16 logits, padding, rows without a prior; and what it
-keeps for the backward pass."""
+"""The PS-KD loss from the logits in one pass (loss.pskd_loss_from_logits) against the float64
+dense reference that builds q explicitly (tests/_reference.py): the loss and its gradient with
+respect to the logits, for every remainder, k = V and small k, stored zeros, float16 top-k sums
+above 1, a tail whose probabilities underflow, float16 and bfloat16 logits, padding, rows
+without a prior; and what it keeps for the backward pass."""
+import fairseq  # noqa: F401  (the package registers its criterion once fairseq is imported)
 import pytest
 import torch
+from _reference import PAD, reference
 
-import fairseq  # noqa: F401  (the package registers its criterion once fairseq is imported)
 from fairseq_pskd import loss as loss_mod
 from fairseq_pskd.loss import pskd_loss, pskd_loss_from_logits
-
-PAD = 1
-
-
-def dense_q(logits, target, alpha, eps, idx, probs, mask, remainder):
-    """PS-KD's target q (N, V) in float64, written out column by column."""
-    z = logits.double()
-    n, vocab = z.shape
-    y = torch.full((n, vocab), eps / (vocab - 1), dtype=torch.float64)
-    y[torch.arange(n), target] += 1.0 - eps - eps / (vocab - 1)
-    if idx is None:
-        return y
-    probs = probs.double()
-    k = idx.size(1)
-    mass = probs.sum(-1)
-    left = (1.0 - mass).clamp_min(0.0)
-    prior = torch.zeros(n, vocab, dtype=torch.float64)
-    in_k = torch.zeros(n, vocab, dtype=torch.bool).scatter_(1, idx, True)
-    if remainder == "uniform":
-        prior = torch.where(in_k, prior, (left / max(vocab - k, 1)).unsqueeze(1).expand(n, vocab))
-        prior = prior.scatter(1, idx, probs)
-    elif remainder == "current":
-        pi = torch.softmax(z, -1).masked_fill(in_k, 0.0)
-        tail = pi.sum(-1, keepdim=True)
-        prior = torch.where(tail > 0, left.unsqueeze(1) * pi / tail.clamp_min(1e-300), prior)
-        prior = prior.scatter(1, idx, probs)
-    else:
-        prior = prior.scatter(1, idx, probs / mass.clamp_min(1e-12).unsqueeze(1))
-    a = alpha * mask.double().unsqueeze(1)
-    return (1 - a) * y + a * prior
-
-
-def reference(logits, target, alpha, eps, idx, probs, mask, remainder):
-    """(summed loss, gradient w.r.t. the logits) in float64, q held constant."""
-    q = dense_q(logits, target, alpha, eps, idx, probs, mask, remainder)
-    z = logits.double().requires_grad_(True)
-    keep = target.ne(PAD).double()
-    loss = (-(q * torch.log_softmax(z, -1)).sum(-1) * keep).sum()
-    loss.backward()
-    return loss.detach(), z.grad
 
 
 def case(n=41, vocab=29, k=5, seed=0, dtype=torch.float32):
@@ -64,8 +25,8 @@ def case(n=41, vocab=29, k=5, seed=0, dtype=torch.float32):
 
 def fused(logits, target, alpha, eps, idx, probs, mask, remainder):
     x = logits.clone().requires_grad_(True)
-    loss, nll, mass, lse = pskd_loss_from_logits(x, target, alpha, eps, idx, probs, mask, remainder,
-                                                 ignore_index=PAD)
+    loss, nll, mass, lse = pskd_loss_from_logits(x, target, alpha, eps, idx, probs, mask,
+                                                 remainder=remainder, ignore_index=PAD)
     loss.backward()
     return loss.detach(), x.grad, nll, mass, lse
 
@@ -76,7 +37,8 @@ def check(logits, target, alpha, eps, idx, probs, mask, remainder, atol=2e-4, gr
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert float(loss) == pytest.approx(float(ref_loss), abs=atol, rel=1e-6)
-    assert torch.allclose(grad.double(), ref_grad, atol=grad_atol, rtol=0), float((grad.double() - ref_grad).abs().max())
+    assert torch.allclose(grad.double(), ref_grad, atol=grad_atol, rtol=0), \
+        float((grad.double() - ref_grad).abs().max())
     keep = target.ne(PAD)
     z = logits.double()
     assert torch.allclose(lse.double(), torch.logsumexp(z, -1), atol=1e-5)
@@ -99,7 +61,8 @@ def test_equals_the_log_softmax_path(remainder):
     logits, target, idx, probs, mask = case(seed=3)
     loss, grad, *_ = fused(logits, target, 0.4, 0.1, idx, probs, mask, remainder)
     x = logits.clone().requires_grad_(True)
-    old, _, _ = pskd_loss(torch.log_softmax(x, -1), target, 0.4, 0.1, idx, probs, mask, remainder, ignore_index=PAD)
+    old, _, _ = pskd_loss(torch.log_softmax(x, -1), target, 0.4, 0.1, idx, probs, mask, remainder=remainder,
+                          ignore_index=PAD)
     old.backward()
     assert float(loss) == pytest.approx(float(old), rel=1e-6)
     assert torch.allclose(grad, x.grad, atol=1e-6)
@@ -165,7 +128,8 @@ def test_keeps_no_vocabulary_sized_float32_tensor():
     and (N, k) tensors only."""
     logits, target, idx, probs, mask = case(n=64, vocab=500, k=8, seed=10, dtype=torch.float16)
     x = logits.clone().requires_grad_(True)
-    loss, *_ = pskd_loss_from_logits(x, target, 0.5, 0.1, idx, probs, mask, "current", ignore_index=PAD)
+    loss, *_ = pskd_loss_from_logits(x, target, 0.5, 0.1, idx, probs, mask, remainder="current",
+                                     ignore_index=PAD)
     node = loss.grad_fn
     while node is not None and not type(node).__name__.startswith("_SoftTargetFromLogits"):
         node = node.next_functions[0][0]
