@@ -1,22 +1,22 @@
 """The throughput benchmark runs end to end and measures what it claims (tiny settings: this
 checks the machinery, not the speed; docs/BENCHMARKS.md has the real measurements)."""
 import json
-import os
-import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+from conftest import REPO, run
+
+pytestmark = pytest.mark.e2e
 
 
 def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_path):
     out = tmp_path / "throughput.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--data-bin", str(toy_data_bin),
+    proc = run(
+        [sys.executable, REPO / "benchmarks" / "throughput.py", "--data-bin", toy_data_bin,
          "--topk", "2", "--remainder", "uniform", "current",
-         "--loss-path", "auto", "log_softmax", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu", "--threads", "1",
-         "--json", str(out), "--", "--max-tokens", "100"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+         "--loss-path", "auto", "log_softmax", "--rounds", "1", "--steps", "2", "--warmup", "1", "--cpu",
+         "--threads", "1",
+         "--json", out, "--", "--max-tokens", "100"], check=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "ratio X" in proc.stdout and "pskd k=2 " in proc.stdout and "pskd k=2 current" in proc.stdout
     assert "pskd k=2 current log_softmax" in proc.stdout  # the loss from get_normalized_probs, beside
@@ -36,11 +36,9 @@ def test_throughput_benchmark_measures_pskd_with_priors_read(toy_data_bin, tmp_p
 
 
 def test_loss_benchmark_measures_each_path(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "loss_bench.py"), "--tokens", "64", "--vocab", "50",
-         "--topk", "4", "--rounds", "2", "--dtype", "float16"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = run(
+        [sys.executable, REPO / "benchmarks" / "loss_bench.py", "--tokens", "64", "--vocab", "50",
+         "--topk", "4", "--rounds", "2", "--dtype", "float16"], check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("label smoothing", "pskd", "no prior"))]
     assert len(rows) == 8 and rows[0].split()[-1] == "1.000"

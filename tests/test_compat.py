@@ -34,6 +34,7 @@ def test_weights_only_not_switched_off_globally():
     assert set(map(id, compat.allowed_globals())) <= set(map(id, allowed))
 
 
+@pytest.mark.e2e  # the session's baseline, trained by fairseq-train
 def test_foreign_object_in_real_fairseq_checkpoint_is_refused(baseline_run, tmp_path):
     """A real fairseq checkpoint with one foreign object added is refused by fairseq's loader."""
     from fairseq import checkpoint_utils
@@ -64,6 +65,7 @@ def test_numpy_metric_state_loads_but_object_arrays_do_not(tmp_path):
         torch.load(bad)
 
 
+@pytest.mark.e2e  # the session's baseline, trained by fairseq-train
 def test_state_as_broadcast_to_other_ranks_loads(baseline_run):
     """Data-parallel resume: fairseq's broadcast_object re-pickles the loaded checkpoint (cfg
     now an omegaconf DictConfig) with torch.save and the other ranks torch.load it."""

@@ -4,22 +4,22 @@ equivalence with label_smoothed_cross_entropy at --pskd-alpha 0."""
 import json
 import re
 import signal
-import subprocess
 import sys
 
 import pytest
+from conftest import LABEL_SMOOTHING, PSKD, TINY_ARCH, epoch_stats, run, run_fairseq, train_args, train_until_killed
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq, train_until_killed
+pytestmark = pytest.mark.e2e
 
+# Stock fairseq otherwise reuses the epoch-1 batch iterator in an uninterrupted run but builds a
+# new one (other batches) after a resume, so even label_smoothed_cross_entropy would not
+# reproduce its losses across a resume.
+SAME_BATCHES = ["--update-epoch-batch-itr", "True"]
 
 
 def pskd_args(data_bin, save_dir, max_epoch=4, *extra):
-    # --update-epoch-batch-itr: stock fairseq otherwise reuses the epoch-1 batch iterator in an
-    # uninterrupted run but builds a new one (other batches) after a resume, so even
-    # label_smoothed_cross_entropy would not reproduce its losses across a resume.
-    return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--update-epoch-batch-itr", "True",
-            "--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4",
-            "--label-smoothing", "0.1", "--max-epoch", max_epoch, "--save-dir", save_dir, *extra]
+    """train_args of PS-KD with the same batches every epoch, also after a resume."""
+    return train_args(data_bin, save_dir, *SAME_BATCHES, *extra, max_epoch=max_epoch)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,7 @@ def test_schedule_and_coverage(uninterrupted):
 
 def test_store_inspect_after_training(uninterrupted):
     save, _ = uninterrupted
-    out = subprocess.run([sys.executable, "-m", "fairseq_pskd.store", "inspect",
-                          str(save / "pskd_store")], stdout=subprocess.PIPE, text=True, check=True)
+    out = run([sys.executable, "-m", "fairseq_pskd.store", "inspect", save / "pskd_store"], stderr=None)
     summary = json.loads(out.stdout)
     assert summary["topk"] == 4 and summary["num_sentences"] == 240
     by_epoch = {b["epoch"]: b["sentences_written"] for b in summary["buffers"]}
@@ -78,7 +77,9 @@ def test_validation_loss_is_label_smoothed(uninterrupted, toy_data_bin):
     with torch.no_grad():
         for sample in itr:
             _, _, out = task.valid_step(sample, models[0], ls)
-            loss += float(out["loss"]); nll += float(out["nll_loss"]); ntok += out["ntokens"]
+            loss += float(out["loss"])
+            nll += float(out["nll_loss"])
+            ntok += out["ntokens"]
     assert abs(loss / ntok / math.log(2) - valid[4]["loss"]) <= 6e-4
     assert abs(nll / ntok / math.log(2) - valid[4]["nll_loss"]) <= 6e-4
 
@@ -103,16 +104,15 @@ def test_kill_during_epoch_3_and_resume_reproduces(uninterrupted, toy_data_bin, 
             assert again[e][key] == full[e][key], (e, key, again[e], full[e])
 
 
-def test_alpha_zero_is_label_smoothed_cross_entropy(toy_data_bin, tmp_path):
-    common = [toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-              "--label-smoothing", "0.1", "--max-epoch", 2]
-    ls = run_fairseq("train", *common, "--criterion", "label_smoothed_cross_entropy",
-                     "--save-dir", tmp_path / "ls")
-    pk = run_fairseq("train", *common, "--criterion", "pskd_label_smoothed_cross_entropy",
-                     "--pskd-alpha", 0, "--save-dir", tmp_path / "pk")
+def test_alpha_zero_is_label_smoothed_cross_entropy(toy_data_bin, baseline_run, tmp_path):
+    """The session's baseline (label_smoothed_cross_entropy, 2 epochs) and the same run with
+    PS-KD at --pskd-alpha 0 log the same losses."""
+    ls = baseline_run[1].read_text()
+    pk = run_fairseq("train", *train_args(toy_data_bin, tmp_path / "pk", max_epoch=2, criterion=[
+        "--criterion", "pskd_label_smoothed_cross_entropy", "--pskd-alpha", 0]))
     assert "--pskd-alpha 0: label_smoothed_cross_entropy's own function" in pk.stdout
     for kind in ("train", "valid"):
-        a, b = epoch_stats(ls.stdout, kind), epoch_stats(pk.stdout, kind)
+        a, b = epoch_stats(ls, kind), epoch_stats(pk.stdout, kind)
         assert sorted(a) == sorted(b) == [1, 2]
         for e in a:
             assert a[e]["loss"] == b[e]["loss"] and a[e]["nll_loss"] == b[e]["nll_loss"], (kind, e)
@@ -150,18 +150,18 @@ def test_adaptive_softmax_takes_the_log_softmax_path(toy_data_bin, tmp_path):
     PS-KD behaves as the criterion it replaces (fairseq trains adaptive softmax with
     --criterion adaptive_loss)."""
     arch = [a for a in TINY_ARCH if a != "--share-all-embeddings"]
-    common = [toy_data_bin, "--user-dir", USER_DIR, *arch, *TINY_TRAIN, "--label-smoothing", "0.1",
-              "--adaptive-softmax-cutoff", "20", "--max-epoch", 2]
-    pskd = ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4"]
+
+    def adaptive(name, criterion, *extra):
+        return train_args(toy_data_bin, tmp_path / name, "--adaptive-softmax-cutoff", "20", *extra,
+                          max_epoch=2, criterion=criterion, arch=arch)
+
     inplace = "modified by an inplace operation"
-    proc = run_fairseq("train", *common, *pskd, "--save-dir", tmp_path / "auto", check=False)
+    proc = run_fairseq("train", *adaptive("auto", PSKD), check=False)
     assert proc.stdout.count("PS-KD loss: from TransformerModel.get_normalized_probs (an adaptive softmax") == 1
-    ls = run_fairseq("train", *common, "--criterion", "label_smoothed_cross_entropy",
-                     "--save-dir", tmp_path / "ls", check=False)
+    ls = run_fairseq("train", *adaptive("ls", LABEL_SMOOTHING), check=False)
     assert ls.returncode != 0 and inplace in ls.stdout
     assert proc.returncode != 0 and inplace in proc.stdout
-    refused = run_fairseq("train", *common, *pskd, "--pskd-loss", "logits", "--save-dir", tmp_path / "logits",
-                          check=False)
+    refused = run_fairseq("train", *adaptive("logits", PSKD, "--pskd-loss", "logits"), check=False)
     assert refused.returncode != 0
     assert "--pskd-loss logits needs a model whose normalized probabilities" in refused.stdout
 

@@ -9,19 +9,19 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import LABEL_SMOOTHING, PSKD, REPO, epoch_stats, run_fairseq, start, train_args
 
-from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
 from fairseq_pskd import store as store_mod
 from fairseq_pskd.store import StoreError, TopKStore
 from fairseq_pskd.store import lock as store_lock
-from fairseq_pskd.store.writer import _Job
+from fairseq_pskd.store.staging import compact_rows
+from fairseq_pskd.store.writer import WriteJob
 
 K = 4
 V = 1000
@@ -90,9 +90,10 @@ def test_nonfinite_rows_are_dropped_and_counted(tmp_path):
         assert s.summary()["buffers"][1]["sentences_written"] == len(ids) - 2
 
         # the CUDA path's job (ids/lengths from the device, checked after the copy) drops the same way
-        job = _Job(0, 2, torch.as_tensor(ids), torch.as_tensor(lengths), idx.to(torch.int32),
-                   bad.half(), None, [], validated=False, skip_nonfinite=True)
-        s._core.apply(job)
+        rows = compact_rows(idx.to(torch.int32), bad.half(), torch.as_tensor(lengths), int(lengths.sum()))
+        job = WriteJob(0, 2, ids, lengths, rows[0].numpy(), rows[1].numpy(), None, [], validated=False,
+                       skip_nonfinite=True)
+        s._maps.apply(job)
         assert s.skipped_nonfinite(2) == 2
         assert s.read(3, ids, lengths)[2].tolist() == [i not in (3, 5) for i in ids]
 
@@ -144,22 +145,17 @@ def train_with_injection(tmp_path, data_bin, gradient, max_epoch, criteria=("ls"
     with inf logits in the 3rd training forward pass (epoch 1 of the toy corpus has 5 batches)."""
     script = tmp_path / "inject_train.py"
     script.write_text(INJECT.format(n=3, gradient=gradient))
-    common = [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--label-smoothing", "0.1",
-              "--max-epoch", max_epoch]
-    runs = {"ls": ["--criterion", "label_smoothed_cross_entropy"],
-            "pskd": ["--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", K]}
-    runs = {name: runs[name] for name in criteria}
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = {name: subprocess.Popen(
-        [sys.executable, str(script), *map(str, common + args + ["--save-dir", tmp_path / name])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for name, args in runs.items()}  # both at once: most of a run is start-up
+    runs = {name: {"ls": LABEL_SMOOTHING, "pskd": PSKD}[name] for name in criteria}
+    procs = {name: start([sys.executable, script, *train_args(data_bin, tmp_path / name, max_epoch=max_epoch,
+                                                              criterion=criterion)])
+             for name, criterion in runs.items()}  # both at once: most of a run is start-up
     out = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
     for name, log in out.items():
         assert "INJECTED inf logits" in log, (name, log[-3000:])
     return {name: (procs[name].returncode, out[name]) for name in runs}
 
 
+@pytest.mark.e2e
 def test_nonfinite_forward_pass_does_not_stop_training(toy_data_bin, tmp_path):
     """The step fairseq goes on after (loss nan, finite gradients) is not fatal to PS-KD: the
     sentence keeps no prior for that epoch, the summary counts it, the store holds no inf/NaN,
@@ -170,7 +166,8 @@ def test_nonfinite_forward_pass_does_not_stop_training(toy_data_bin, tmp_path):
     assert epoch_stats(ls_log)[1]["loss"] != epoch_stats(ls_log)[1]["loss"]  # the nan reached the loss
     assert "PS-KD epoch 1 priors: 239 of 240 training sentences stored" in log, log[-4000:]
     assert "PS-KD epoch 1 priors: 1 sentences skipped for non-finite values" in log
-    assert "PS-KD epoch 2 priors: 240 of 240" in log and "skipped for non-finite" not in log.split("PS-KD epoch 2 priors")[1]
+    assert ("PS-KD epoch 2 priors: 240 of 240" in log
+            and "skipped for non-finite" not in log.split("PS-KD epoch 2 priors")[1])
     train = epoch_stats(log)
     assert sorted(train) == [1, 2, 3]
     assert train[1]["pskd_coverage"] == 0.0
@@ -186,6 +183,7 @@ def test_nonfinite_forward_pass_does_not_stop_training(toy_data_bin, tmp_path):
         assert {b["epoch"]: b["sentences_written"] for b in s.summary()["buffers"]} == {2: 240, 3: 240}
 
 
+@pytest.mark.e2e
 def test_nonfinite_gradients_fail_with_fairseq_own_error(toy_data_bin, tmp_path):
     """When the NaN reaches the gradients, fp32 fairseq stops with 'gradients are Nan/Inf' (exit
     status 1; label_smoothed_cross_entropy too, measured with the same injection): PS-KD stops
@@ -244,8 +242,9 @@ def test_out_of_range_index_is_refused_on_read(tmp_path, vocab, value):
     path, lengths = written_store(tmp_path, vocab=vocab)
     corrupt(path, "indices.1.bin", sentence=9, position=1, column=3, value=value)
     with TopKStore.open(path, readonly=True) as s:
-        with pytest.raises(StoreError, match=rf"indices\.1\.bin is corrupt: .*sentence id 9, target position 1, "
-                                             rf"holds a vocabulary id {value}, outside \[0, vocab_size={vocab}\).*delete"):
+        with pytest.raises(StoreError, match=rf"indices\.1\.bin is corrupt: .*sentence id 9, "
+                                             rf"target position 1, holds a vocabulary id {value}, "
+                                             rf"outside \[0, vocab_size={vocab}\).*delete"):
             s.read(2, np.arange(len(lengths)))
 
 
@@ -255,23 +254,18 @@ def test_out_of_range_index_is_refused_on_read(tmp_path, vocab, value):
 def one_epoch(toy_data_bin, tmp_path_factory):
     """A finished 1-epoch PS-KD run: buffer 1 holds epoch 1's priors, read by epoch 2."""
     save = tmp_path_factory.mktemp("one_epoch")
-    run_fairseq("train", *train_args(toy_data_bin, save, 1))
+    run_fairseq("train", *train_args(toy_data_bin, save, max_epoch=1))
     return save
 
 
-def train_args(data_bin, save, max_epoch):
-    return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--criterion", "pskd",
-            "--pskd-alpha", "0.8", "--pskd-topk", K, "--label-smoothing", "0.1",
-            "--max-epoch", max_epoch, "--save-dir", save]
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize("name,value,what", [("probs.1.bin", 3.0, "probability 3.0"),
                                              ("indices.1.bin", 60000, "vocabulary id 60000")])
 def test_resume_with_a_corrupt_store_stops_with_a_clear_error(one_epoch, toy_data_bin, tmp_path, name, value, what):
     save = tmp_path / "ckpt"
     shutil.copytree(one_epoch, save)
     corrupt(save / "pskd_store", name, sentence=17, position=0, column=0, value=value)
-    proc = run_fairseq("train", *train_args(toy_data_bin, save, 2), check=False)
+    proc = run_fairseq("train", *train_args(toy_data_bin, save, max_epoch=2), check=False)
     log = proc.stdout
     assert "Loaded checkpoint" in log
     # exit status 1, not the SIGABRT that stock fairseq's data-buffer thread may cause at exit
@@ -299,13 +293,14 @@ time.sleep(120)
 """
 
 
+@pytest.mark.e2e
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     """A process that has the store open for writing locks it; another process is refused at once
     with the holder named, can still open it readonly, and opens it as soon as the holder is
     killed with SIGKILL (nothing to clean up), even though the holder's forked child lives on."""
     path, lengths = written_store(tmp_path)
     script = HOLDER.format(repo=str(REPO), path=str(path))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = start([sys.executable, "-c", script], stderr=None)
     child = None
     try:
         pid, child = map(int, proc.stdout.readline().split())
@@ -384,6 +379,7 @@ cli_main()
 """
 
 
+@pytest.mark.e2e
 def test_two_runs_started_at_once_on_one_store(toy_data_bin, tmp_path):
     """Two fairseq-train runs started together with the same --pskd-store-dir: the one that opens
     the store second stops at once (exit status 1, before any training step) naming the other's
@@ -392,11 +388,9 @@ def test_two_runs_started_at_once_on_one_store(toy_data_bin, tmp_path):
     store = tmp_path / "shared_store"
     script = tmp_path / "hold.py"
     script.write_text(HOLD_AFTER_OPEN.format(release=str(tmp_path / "release")))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(
-        [sys.executable, str(script), *map(str, train_args(toy_data_bin, tmp_path / name, 2)),
-         "--pskd-store-dir", str(store)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for name in ("a", "b")]
+    procs = [start([sys.executable, script, *train_args(toy_data_bin, tmp_path / name, "--pskd-store-dir", store,
+                                                        max_epoch=2)])
+             for name in ("a", "b")]
     try:
         deadline = time.time() + 300
         while all(p.poll() is None for p in procs) and time.time() < deadline:
@@ -430,6 +424,7 @@ def header_run_id(store):
         return json.load(f)["run_id"]
 
 
+@pytest.mark.e2e
 def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
     """Run A trains 2 epochs. A new run B given A's store directory stops before training (exit
     status 1), naming A's save dir and last epoch, and leaves A's priors as they were. Once that
@@ -438,13 +433,13 @@ def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
     the store again) resumes A: epoch 3 trains without priors (a warning says so) and stores A's
     own for epoch 4."""
     store = tmp_path / "store"
-    run_a = [*train_args(toy_data_bin, tmp_path / "a", 2), "--pskd-store-dir", store]
+    run_a = train_args(toy_data_bin, tmp_path / "a", "--pskd-store-dir", store, max_epoch=2)
     run_fairseq("train", *run_a)
     id_a = header_run_id(store)
     ckpt = torch.load(tmp_path / "a" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert len(id_a) == 32 and ckpt["extra_state"]["train_iterator"]["pskd_run_id"] == id_a
 
-    run_b = [*train_args(toy_data_bin, tmp_path / "b", 1), "--pskd-store-dir", store]
+    run_b = train_args(toy_data_bin, tmp_path / "b", "--pskd-store-dir", store, max_epoch=1)
     proc = run_fairseq("train", *run_b, check=False)
     assert proc.returncode == 1, proc.stdout[-4000:]
     assert (f"StoreError: the PS-KD store at {store} holds the priors of another training run (run "
@@ -462,7 +457,7 @@ def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
     id_b = header_run_id(store)
     assert id_b not in (None, id_a)
 
-    resume_a = [*train_args(toy_data_bin, tmp_path / "a", 3), "--pskd-store-dir", store]
+    resume_a = train_args(toy_data_bin, tmp_path / "a", "--pskd-store-dir", store, max_epoch=3)
     proc = run_fairseq("train", *resume_a, check=False)
     log = proc.stdout
     assert "Loaded checkpoint" in log
@@ -487,17 +482,16 @@ def test_resume_refuses_a_store_another_run_has_written(toy_data_bin, tmp_path):
 
 # ------------------------------------------------------------------------------ options the store cannot serve
 
+@pytest.mark.e2e
 def test_left_padded_targets_and_sharded_data_are_refused(toy_data_bin, tmp_path):
     """--left-pad-target (priors would land on the wrong positions) and sharded data a:b (the
     training set changes every epoch) stop fairseq-train before training, with the option named
     and what to do."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     runs = {
-        "left_pad": train_args(toy_data_bin, tmp_path / "lp", 2) + ["--left-pad-target"],
-        "sharded": [f"{toy_data_bin}{os.pathsep}{toy_data_bin}", *train_args(toy_data_bin, tmp_path / "sh", 2)[1:]],
+        "left_pad": train_args(toy_data_bin, tmp_path / "lp", "--left-pad-target", max_epoch=2),
+        "sharded": train_args(f"{toy_data_bin}{os.pathsep}{toy_data_bin}", tmp_path / "sh", max_epoch=2),
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "fairseq_cli.train", *map(str, args)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    procs = {name: start([sys.executable, "-m", "fairseq_cli.train", *args])
              for name, args in runs.items()}  # both at once: all of each run is start-up
     logs = {name: p.communicate(timeout=300)[0] for name, p in procs.items()}
     for name, p in procs.items():
@@ -513,13 +507,12 @@ def test_left_padded_targets_and_sharded_data_are_refused(toy_data_bin, tmp_path
 
 # ------------------------------------------------------------------------------ a_t under --max-update
 
+@pytest.mark.e2e
 def test_epoch_log_gives_a_t_at_the_epoch_first_update(toy_data_bin, tmp_path):
     """With --max-update and no --max-epoch, a_t grows per update: the start-of-epoch log gives it
     at the epoch's first update (not at update 1 of the run), also after a resume."""
     def args(max_update):
-        a = train_args(toy_data_bin, tmp_path / "u", 1)
-        i = a.index("--max-epoch")
-        return a[:i] + ["--max-update", max_update] + a[i + 2:]
+        return train_args(toy_data_bin, tmp_path / "u", "--max-update", max_update, max_epoch=None)
 
     log = run_fairseq("train", *args(12)).stdout
     train = epoch_stats(log)

@@ -1,27 +1,28 @@
-"""End to end through the real fairseq CLIs with --user-dir fairseq_pskd: train 2 epochs,
-resume a third from checkpoint_last.pt, generate from the checkpoint (issue 2)."""
+"""End to end through the real fairseq CLIs with --user-dir fairseq_pskd: the session's baseline
+(2 epochs of label_smoothed_cross_entropy through fairseq-train), resumed for a third from
+checkpoint_last.pt, generate from the checkpoint, interactive from the baseline's."""
 import re
+import shutil
+import sys
 
+import pytest
 import torch
+from conftest import LABEL_SMOOTHING, USER_DIR, epoch_stats, run, run_fairseq, train_args
 
 import fairseq_pskd  # noqa: F401  (the allow-list lets torch.load read fairseq checkpoints)
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq
+pytestmark = pytest.mark.e2e
 
 
-def test_train_resume_generate(toy_data_bin, tmp_path):
+def test_train_resume_generate(toy_data_bin, baseline_run, tmp_path):
+    trained, log = baseline_run
+    assert sorted(epoch_stats(log.read_text())) == [1, 2]
     save = tmp_path / "ckpt"
-    common = [toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN,
-              "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-              "--save-dir", save]
-
-    first = run_fairseq("train", *common, "--max-epoch", 2)
-    assert sorted(epoch_stats(first.stdout)) == [1, 2]
-    assert (save / "checkpoint_last.pt").exists()
+    shutil.copytree(trained, save)  # the session's baseline stays as it is
     updates_after_2 = torch.load(save / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"]
     assert updates_after_2 > 0
 
-    resumed = run_fairseq("train", *common, "--max-epoch", 3)
+    resumed = run_fairseq("train", *train_args(toy_data_bin, save, max_epoch=3, criterion=LABEL_SMOOTHING))
     assert "Loaded checkpoint" in resumed.stdout and "(epoch 3 @" in resumed.stdout
     assert sorted(epoch_stats(resumed.stdout)) == [3], "resume must train exactly the next epoch"
     ckpt = torch.load(save / "checkpoint_last.pt")  # weights-only load works with the plugin imported
@@ -39,12 +40,8 @@ def test_train_resume_generate(toy_data_bin, tmp_path):
 
 def test_interactive_loads_checkpoint(toy_data_bin, baseline_run):
     save, _ = baseline_run
-    import subprocess, sys, os
-    proc = subprocess.run(
-        [sys.executable, "-m", "fairseq_cli.interactive", toy_data_bin, "--user-dir", USER_DIR,
-         "--path", save / "checkpoint_last.pt", "--source-lang", "src", "--target-lang", "tgt",
-         "--beam", "2", "--cpu"],
-        input="w1 w2 w3\n", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    proc = run([sys.executable, "-m", "fairseq_cli.interactive", toy_data_bin, "--user-dir", USER_DIR,
+                "--path", save / "checkpoint_last.pt", "--source-lang", "src", "--target-lang", "tgt",
+                "--beam", "2", "--cpu"], input="w1 w2 w3\n", timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert re.search(r"^H-0\t", proc.stdout, flags=re.M), proc.stdout[-3000:]

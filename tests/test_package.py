@@ -4,13 +4,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, run
 
-from conftest import REPO
+pytestmark = pytest.mark.e2e  # each test starts a fresh Python: what an import does shows there only
 
 
-def run_python(code):
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+def run_python(code, cwd=REPO):
+    """python -c CODE in ``cwd``: its stdout, stripped (stderr apart; exit status 0 checked)."""
+    proc = run([sys.executable, "-c", code], cwd=cwd, stderr=subprocess.PIPE, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip()
 
@@ -42,8 +43,8 @@ def test_criterion_is_registered_whatever_the_import_order(order):
 def test_user_dir_from_another_directory(tmp_path):
     """`python -m fairseq_pskd --user-dir` names the package's directory, which fairseq's
     --user-dir accepts from any working directory."""
-    proc = subprocess.run([sys.executable, "-m", "fairseq_pskd", "--user-dir"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = run([sys.executable, "-m", "fairseq_pskd", "--user-dir"], cwd=tmp_path, stderr=subprocess.PIPE,
+               check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     user_dir = proc.stdout.strip()
     import os
@@ -51,6 +52,4 @@ def test_user_dir_from_another_directory(tmp_path):
     code = ("import sys, argparse; from fairseq import utils; "
             f"utils.import_user_module(argparse.Namespace(user_dir={user_dir!r})); "
             "from fairseq.criterions import CRITERION_REGISTRY as R; print('pskd' in R)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "True", proc.stderr[-2000:]
+    assert run_python(code, cwd=tmp_path).splitlines()[-1] == "True"

@@ -4,7 +4,9 @@ recipe; through the real `experiment run` on a toy corpus."""
 import json
 import re
 
+import pytest
 from conftest import TINY_ARCH, TINY_TRAIN, epoch_stats, make_prepared
+
 from fairseq_pskd import experiment
 from fairseq_pskd.progress import TRAIN_START, EpochProgress, duration, eta
 
@@ -12,7 +14,8 @@ START = "2026-01-01 00:00:00 | INFO | fairseq_cli.train | {'_name': None}\n"
 
 
 def valid(epoch, nll):
-    return f"2026-01-01 | INFO | valid | epoch {epoch:03d} | valid on 'valid' subset | loss 4 | nll_loss {nll} | ppl 9\n"
+    return (f"2026-01-01 | INFO | valid | epoch {epoch:03d} | valid on 'valid' subset | loss 4 | "
+            f"nll_loss {nll} | ppl 9\n")
 
 
 def train(epoch, wall):
@@ -51,6 +54,7 @@ def test_overall_eta_of_two_lanes(tmp_path):
     assert b.feed(train(3, 360)).endswith("(all runs: ETA 19 min)")
 
 
+@pytest.mark.e2e  # experiment run starts fairseq-train and fairseq-generate
 def test_experiment_run_prints_a_progress_line_per_epoch(tmp_path, capsys):
     prepared, raw = make_prepared(tmp_path, n_test=8, seed=4)
     out, progress = tmp_path / "run", tmp_path / "progress.txt"

@@ -2,20 +2,19 @@
 
 The smoke run (--quick: a tiny model, 2 epochs, the real Multi30k) takes several minutes on 2
 cores, so it carries the ``slow`` marker: ``bash scripts/test.sh -m slow``. Its option checks
-run in the default tier."""
+run in the default command's end-to-end tier (each starts the script)."""
 import json
-import subprocess
 
 import pytest
+from conftest import MULTI30K_RAW, REPO, needs_multi30k, run
 
-from conftest import MULTI30K_RAW, REPO, needs_multi30k
+pytestmark = pytest.mark.e2e
 
 SCRIPT = REPO / "scripts" / "quickstart.sh"
 
 
 def quickstart(*args, timeout=60):
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return run(["bash", SCRIPT, *args], check=False, timeout=timeout)
 
 
 @pytest.mark.parametrize("args,message", [

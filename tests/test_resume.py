@@ -1,7 +1,6 @@
 """Resuming PS-KD runs through the real fairseq-train: every resume keeps its priors or says
 exactly why not, and no run takes (or resets) another run's priors (docs/STORE.md, "Failure
 modes"). Kills are SIGKILL at a log line, or inside fairseq's checkpoint copy."""
-import os
 import re
 import shutil
 import signal
@@ -10,17 +9,18 @@ import sys
 
 import pytest
 import torch
+from conftest import LABEL_SMOOTHING, epoch_stats, run, run_fairseq, train_args, train_until_killed
 
-from conftest import TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats, run_fairseq, train_until_killed
 from fairseq_pskd.store import TopKStore
+
+pytestmark = pytest.mark.e2e
 
 N = 240  # training sentences of the toy corpus
 
 
 def pskd(data_bin, save, max_epoch, *extra):
-    return [data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--criterion", "pskd",
-            "--pskd-alpha", "0.8", "--pskd-topk", "4", "--label-smoothing", "0.1",
-            "--max-epoch", max_epoch, "--save-dir", save, *extra]
+    """train_args of PS-KD (a_T 0.8, k = 4) for ``max_epoch`` epochs."""
+    return train_args(data_bin, save, *extra, max_epoch=max_epoch)
 
 
 def refused(args, *expected):
@@ -69,13 +69,13 @@ def store_run(store):
         return s.run_id, s.run_save_dir, s.newest_epoch()
 
 
-def test_warm_start_from_a_label_smoothing_checkpoint_never_adopts_a_store(toy_data_bin, tmp_path):
-    """--restore-file of a label-smoothing checkpoint with a --pskd-store-dir that holds another
-    run's priors stops (exit status 1), naming that run; with a new store directory the same warm
-    start trains, its first epoch against the label-smoothed target alone."""
-    ls = tmp_path / "ls"
-    run_fairseq("train", toy_data_bin, *TINY_ARCH, *TINY_TRAIN, "--criterion", "label_smoothed_cross_entropy",
-                "--label-smoothing", "0.1", "--max-epoch", 2, "--save-dir", ls)
+def test_warm_start_from_a_label_smoothing_checkpoint_never_adopts_a_store(toy_data_bin, baseline_run,
+                                                                          tmp_path):
+    """--restore-file of a label-smoothing checkpoint (the session's baseline's) with a
+    --pskd-store-dir that holds another run's priors stops (exit status 1), naming that run; with
+    a new store directory the same warm start trains, its first epoch against the label-smoothed
+    target alone."""
+    ls = baseline_run[0]
     store = tmp_path / "a_store"
     run_fairseq("train", *pskd(toy_data_bin, tmp_path / "a", 2, "--pskd-store-dir", store))
     id_a, dir_a, newest = store_run(store)
@@ -144,9 +144,7 @@ cli_main()
 def train_killed_in_copy(tmp_path, args, mode, src_name):
     hook = tmp_path / "kill_in_copy.py"
     hook.write_text(KILL_IN_COPY)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", KILL_MODE=mode, KILL_SRC=src_name)
-    proc = subprocess.run([sys.executable, str(hook), *map(str, args)], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
+    proc = run([sys.executable, hook, *args], check=False, env={"KILL_MODE": mode, "KILL_SRC": src_name})
     assert proc.returncode == -signal.SIGKILL and "KILLED IN COPY" in proc.stdout, proc.stdout[-3000:]
     return proc.stdout
 
@@ -169,8 +167,7 @@ def test_kill_while_checkpoint_last_is_copied_resumes(toy_data_bin, tmp_path, mo
 def test_kill_in_copy_with_label_smoothing_resumes_with_the_plugin_loaded(toy_data_bin, tmp_path):
     """The atomic copy comes with --user-dir, whatever the criterion."""
     save = tmp_path / "ls"
-    args = [toy_data_bin, "--user-dir", USER_DIR, *TINY_ARCH, *TINY_TRAIN, "--criterion",
-            "label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-epoch", 3, "--save-dir", save]
+    args = train_args(toy_data_bin, save, max_epoch=3, criterion=LABEL_SMOOTHING)
     train_killed_in_copy(tmp_path, args, "half", "checkpoint2.pt")
     assert sorted(epoch_stats(run_fairseq("train", *args).stdout)) in ([2, 3], [3])
 
@@ -188,7 +185,7 @@ def test_damaged_checkpoint_last_stops_with_the_command_that_repairs_it(toy_data
     command = f"cp {save / 'checkpoint2.pt'} {last}"
     refused(pskd(toy_data_bin, save, 3), f"the checkpoint to resume from, {last}, is damaged",
             f"Resume from the newest intact checkpoint, checkpoint2.pt: {command}")
-    subprocess.run(command.split(), check=True)
+    run(command.split())
     log = run_fairseq("train", *pskd(toy_data_bin, save, 3)).stdout
     assert sorted(epoch_stats(log)) == [3] and epoch_stats(log)[3]["pskd_coverage"] == 1.0
 
@@ -222,8 +219,8 @@ def test_braces_in_the_save_dir_are_not_taken_for_placeholders(toy_data_bin, tmp
 def test_inspect_of_a_file_says_it_is_not_a_directory(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x\n")
-    proc = subprocess.run([sys.executable, "-m", "fairseq_pskd.store", "inspect", str(a_file)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = run([sys.executable, "-m", "fairseq_pskd.store", "inspect", a_file], check=False,
+               stderr=subprocess.PIPE)
     assert proc.returncode == 2 and f"error: {a_file} is a file, not a directory" in proc.stderr, proc.stderr
 
 
@@ -231,11 +228,11 @@ def test_immutable_store_file_gets_advice_for_the_command_line(toy_data_bin, tmp
     save = tmp_path / "run"
     run_fairseq("train", *pskd(toy_data_bin, save, 1))
     target = save / "pskd_store" / "indices.0.bin"
-    if subprocess.run(["chattr", "+i", str(target)], capture_output=True).returncode != 0:
+    if run(["chattr", "+i", target], check=False).returncode != 0:
         pytest.skip("chattr +i is not permitted here")
     try:
         out = refused(pskd(toy_data_bin, save, 2), f"cannot open the PS-KD store at {save / 'pskd_store'} for writing",
                       "a file marked immutable needs `chattr -i`")
         assert "readonly=True" not in out
     finally:
-        subprocess.run(["chattr", "-i", str(target)], check=True)
+        run(["chattr", "-i", target])
