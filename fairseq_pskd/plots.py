@@ -25,8 +25,10 @@ from pathlib import Path
 
 # "| <tag> | epoch 003 | k v | k v" (simple/tqdm) or "| <tag> | {...}" (json); the tag is
 # "train" or the name of the validation subset (fairseq renames the logger to it).
-_EPOCH_LINE = re.compile(r"\|\s*(?P<tag>[\w.\-]+)\s*\|\s*epoch\s+(?P<epoch>\d+)\s*\|(?P<rest>.*)$")
-_JSON_LINE = re.compile(r"\|\s*(?P<tag>[\w.\-]+)\s*\|\s*(?P<json>\{.*\})\s*$")
+# fairseq-hydra-train's log writes the same lines as "[time][<tag>][INFO] - epoch 003 | ...".
+_TAG = r"(?:\|\s*(?P<tag>[\w.\-]+)\s*\||\]\[(?P<hydra_tag>[\w.\-]+)\]\[[A-Z]+\]\s+-)"
+_EPOCH_LINE = re.compile(_TAG + r"\s*epoch\s+(?P<epoch>\d+)\s*\|(?P<rest>.*)$")
+_JSON_LINE = re.compile(_TAG + r"\s*(?P<json>\{.*\})\s*$")
 
 
 def _to_float(value):
@@ -91,12 +93,13 @@ def parse_lines(lines):
         line = line.rstrip("\r\n")
         m = _EPOCH_LINE.search(line)
         if m:
-            tag, epoch, metrics = m.group("tag"), int(m.group("epoch")), _parse_pipes(m.group("rest"))
+            tag = m.group("tag") or m.group("hydra_tag")
+            epoch, metrics = int(m.group("epoch")), _parse_pipes(m.group("rest"))
         else:
             m = _JSON_LINE.search(line)
             if not m:
                 continue
-            tag = m.group("tag")
+            tag = m.group("tag") or m.group("hydra_tag")
             epoch, metrics = _parse_json(tag, m.group("json"))
             if epoch is None:
                 continue

@@ -71,6 +71,19 @@ def test_parse_json_format():
     assert d["train"][2]["pskd_coverage"] == 0.75
 
 
+def test_parse_hydra_train_log():
+    """fairseq-hydra-train logs the same lines through hydra's formatter (tests/test_install.py
+    reads a real one this way)."""
+    d = parse_lines([
+        "[2026-12-02 13:00:01,250][fairseq_cli.train][INFO] - begin training epoch 2",
+        "[2026-12-02 13:00:02,500][train_inner][INFO] - epoch 002:      2 / 3 loss=5.9, ppl=59.4",
+        "[2026-12-02 13:00:03,000][valid][INFO] - epoch 002 | valid on 'valid' subset | loss 6.1 | nll_loss 5.9",
+        "[2026-12-02 13:00:03,100][train][INFO] - epoch 002 | loss 5.93 | pskd_alpha 0.8 | pskd_coverage 1",
+    ])
+    assert d == {"train": {2: {"loss": 5.93, "pskd_alpha": 0.8, "pskd_coverage": 1.0}},
+                 "valid": {2: {"loss": 6.1, "nll_loss": 5.9}}}
+
+
 def test_other_validation_subsets_and_empty_log():
     d = parse_lines(["x | INFO | test | epoch 004 | valid on 'test' subset | loss 3.5 | bleu 20.1"])
     assert d == {"test": {4: {"loss": 3.5, "bleu": 20.1}}}
@@ -89,8 +102,8 @@ def test_plot_png_and_cli(tmp_path, capsys):
 
     # a log without PS-KD metrics or BLEU: only the loss panel
     plain = tmp_path / "plain.log"
-    plain.write_text("".join(l + "\n" for l in SIMPLE.splitlines()
-                             if "| train |" in l or "| valid |" in l)
+    plain.write_text("".join(line + "\n" for line in SIMPLE.splitlines()
+                             if "| train |" in line or "| valid |" in line)
                      .replace("| bleu", "| xbleu").replace("pskd_", "other_"))
     assert plot_curves([plain], tmp_path / "plain.png") == ["nll_loss", "loss"]
     # the end of a run: epoch 3 only (the JSON log ends at epoch 2 and draws nothing)
