@@ -70,7 +70,7 @@ def main():
         variants = {"stock fairseq": ("--stock",), "with the plugin": (),
                     "stock, --data-buffer-size 0": ("--stock", "--data-buffer-size", "0")}
         counts = {name: collections.Counter() for name in variants}
-        for i in range(args.runs):
+        for _ in range(args.runs):
             for name, extra in variants.items():
                 save = os.path.join(tmp, "resumed")
                 shutil.rmtree(save, ignore_errors=True)

@@ -237,8 +237,10 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=4096, help="target tokens per batch (fairseq --max-tokens)")
     ap.add_argument("--vocab-size", type=int, default=40000, help="vocabulary size (<= 65536: uint16 indices)")
     ap.add_argument("--seconds", type=float, default=6.0, help="duration of each timed phase")
-    ap.add_argument("--latency-batches", type=int, default=200, help="batches for the write() call latency with an idle writer")
-    ap.add_argument("--rss-sizes", default="5000000,50000000", help="two store sizes (tokens) for the RSS comparison; empty to skip")
+    ap.add_argument("--latency-batches", type=int, default=200,
+                    help="batches for the write() call latency with an idle writer")
+    ap.add_argument("--rss-sizes", default="5000000,50000000",
+                    help="two store sizes (tokens) for the RSS comparison; empty to skip")
     ap.add_argument("--rss-topk", type=int, default=8)
     ap.add_argument("--rss-batches", type=int, default=500, help="read+write batches in each RSS child")
     ap.add_argument("--json", help="also write the results to this JSON file")
@@ -254,7 +256,8 @@ def main():
             return rss_child(args)
         ks = [int(x) for x in args.topk.split(",") if x]
         rss_k = [(n, args.rss_topk) for n in (int(x) for x in args.rss_sizes.split(",") if x)]
-        need = max(TopKStore.estimate_bytes(n // 30, n, k, args.vocab_size) for n, k in [(args.tokens, k) for k in ks] + rss_k)
+        need = max(TopKStore.estimate_bytes(n // 30, n, k, args.vocab_size)
+                   for n, k in [(args.tokens, k) for k in ks] + rss_k)
         free = shutil.disk_usage(args.dir).free
         print(f"store dir {args.dir}: {free / 2**30:.1f} GiB free, largest store {need / 2**30:.2f} GiB")
         if need > free:
@@ -270,9 +273,11 @@ def main():
             r = bench_k(args, k, lengths, args.dir)
             results.append(r)
             print(f"k={k:>2}: create {r['create_s']:.2f} s ({r['disk_bytes'] / 2**30:.2f} GiB) | "
-                  f"write {r['write_tok_s'] / 1e6:.2f} M tok/s (+ msync {r['write_msync_s']:.2f} s, {r['write_dirty_mib']:.0f} MiB dirty) | "
+                  f"write {r['write_tok_s'] / 1e6:.2f} M tok/s (+ msync {r['write_msync_s']:.2f} s, "
+                  f"{r['write_dirty_mib']:.0f} MiB dirty) | "
                   f"read {r['read_tok_s'] / 1e6:.2f} M tok/s | read+write {r['rw_tok_s'] / 1e6:.2f} M tok/s "
-                  f"(+ msync {r['rw_msync_s']:.2f} s) | write() call p50 {r['write_call_ms_p50']:.2f} ms | {fmt_mem(r['mem'])} | "
+                  f"(+ msync {r['rw_msync_s']:.2f} s) | write() call p50 {r['write_call_ms_p50']:.2f} ms | "
+                  f"{fmt_mem(r['mem'])} | "
                   f"phase wall {r['wall_s']:.0f} s (cleanup {r['cleanup_s']:.1f} s)", flush=True)
 
         rss = []
@@ -287,26 +292,36 @@ def main():
             rss[-1]["wall_s"] = time.perf_counter() - t
             print(f"RSS child {n:,} tokens: {rss[-1]['wall_s']:.0f} s", flush=True)
 
-        print("\n| k | disk GiB | create s | write Mtok/s | msync after write s | read Mtok/s | read+write Mtok/s | msync after read+write s "
-              "| write() call ms p50/p99 | read() call ms p50/p99 | ru_maxrss MiB | VmRSS MiB | RssAnon MiB | RssFile MiB |")
+        print("\n| k | disk GiB | create s | write Mtok/s | msync after write s | read Mtok/s | read+write Mtok/s "
+              "| msync after read+write s "
+              "| write() call ms p50/p99 | read() call ms p50/p99 "
+              "| ru_maxrss MiB | VmRSS MiB | RssAnon MiB | RssFile MiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             m = r["mem"]
-            print(f"| {r['k']} | {r['disk_bytes'] / 2**30:.2f} | {r['create_s']:.2f} | {r['write_tok_s'] / 1e6:.2f} | {r['write_msync_s']:.2f} | "
+            print(f"| {r['k']} | {r['disk_bytes'] / 2**30:.2f} | {r['create_s']:.2f} | {r['write_tok_s'] / 1e6:.2f} | "
+                  f"{r['write_msync_s']:.2f} | "
                   f"{r['read_tok_s'] / 1e6:.2f} | {r['rw_tok_s'] / 1e6:.2f} | {r['rw_msync_s']:.2f} | "
-                  f"{r['write_call_ms_p50']:.2f} / {r['write_call_ms_p99']:.2f} | {r['read_call_ms_p50']:.2f} / {r['read_call_ms_p99']:.2f} | "
-                  f"{m['ru_maxrss']:.0f} | {m.get('VmRSS', 0):.0f} | {m.get('RssAnon', 0):.0f} | {m.get('RssFile', 0):.0f} |")
+                  f"{r['write_call_ms_p50']:.2f} / {r['write_call_ms_p99']:.2f} | "
+                  f"{r['read_call_ms_p50']:.2f} / {r['read_call_ms_p99']:.2f} | "
+                  f"{m['ru_maxrss']:.0f} | {m.get('VmRSS', 0):.0f} | {m.get('RssAnon', 0):.0f} | "
+                  f"{m.get('RssFile', 0):.0f} |")
         if len(rss) == 2:
             a, b = rss
-            print(f"\nRSS vs store size (k={args.rss_topk}, {args.rss_batches} write + {args.rss_batches} read+write batches, fresh process each):")
-            print("| store tokens | sentences | RssAnon before MiB | RssAnon after MiB | store RssAnon MiB (after - before) | of which offsets MiB | RssFile after MiB | VmHWM MiB |")
+            print(f"\nRSS vs store size (k={args.rss_topk}, {args.rss_batches} write + {args.rss_batches} "
+                  f"read+write batches, fresh process each):")
+            print("| store tokens | sentences | RssAnon before MiB | RssAnon after MiB "
+                  "| store RssAnon MiB (after - before) | of which offsets MiB | RssFile after MiB | VmHWM MiB |")
             print("|---|---|---|---|---|---|---|---|")
             for x in rss:
-                print(f"| {x['tokens']:,} | {x['sentences']:,} | {x['before']['RssAnon']:.0f} | {x['after']['RssAnon']:.0f} | "
-                      f"{x['after']['RssAnon'] - x['before']['RssAnon']:.1f} | {x['offsets_mib']:.1f} | {x['after']['RssFile']:.0f} | {x['after']['VmHWM']:.0f} |")
+                print(f"| {x['tokens']:,} | {x['sentences']:,} | {x['before']['RssAnon']:.0f} | "
+                      f"{x['after']['RssAnon']:.0f} | "
+                      f"{x['after']['RssAnon'] - x['before']['RssAnon']:.1f} | {x['offsets_mib']:.1f} | "
+                      f"{x['after']['RssFile']:.0f} | {x['after']['VmHWM']:.0f} |")
             print(f"RssAnon after, ratio large/small store: {b['after']['RssAnon'] / a['after']['RssAnon']:.3f} "
                   f"(store tokens ratio {b['tokens'] / a['tokens']:.0f}x); store part (after - before): "
-                  f"{a['after']['RssAnon'] - a['before']['RssAnon']:.1f} vs {b['after']['RssAnon'] - b['before']['RssAnon']:.1f} MiB")
+                  f"{a['after']['RssAnon'] - a['before']['RssAnon']:.1f} vs "
+                  f"{b['after']['RssAnon'] - b['before']['RssAnon']:.1f} MiB")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "results": results, "rss": rss}, f, indent=2)

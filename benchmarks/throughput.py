@@ -16,10 +16,10 @@ noisy machine slows them alike; each ratio is the median of the per-round ratios
 --inline-topk (CPU) adds, for each k, a run with the top-k on the training thread instead of
 the criterion's helper thread. --remainder measures each k with each --pskd-remainder mode
 (default: uniform only), --loss-path with each --pskd-loss (default: auto, the one-pass loss
-from the logits on this model; log_softmax is the loss from get_normalized_probs). PS-KD is measured in epoch 2, where it reads priors and writes
-new ones: before the timed steps every training sentence gets an epoch-1 prior (synthetic
-values written straight into the store), so every read finds one and does the full gather,
-transfer and soft-target loss, as in a real run.
+from the logits on this model; log_softmax is the loss from get_normalized_probs). PS-KD is
+measured in epoch 2, where it reads priors and writes new ones: before the timed steps every
+training sentence gets an epoch-1 prior (synthetic values written straight into the store), so
+every read finds one and does the full gather, transfer and soft-target loss, as in a real run.
 
 Default model: the quickstart's small Transformer (scripts/quickstart.sh).
 """

@@ -3,8 +3,8 @@
 Use as a fairseq user dir: ``fairseq-train ... --user-dir fairseq_pskd --criterion pskd``.
 
 Importing the package imports neither torch nor fairseq (its store needs torch, its data
-preparation neither), so the command-line tools start fast and work without fairseq. It arranges two things for when they
-are (or already were) imported in the process:
+preparation neither), so the command-line tools start fast and work without fairseq. It
+arranges two things for when they are (or already were) imported in the process:
 
 - torch: the checkpoint-loading allow-list for torch >= 2.6 (compat.py);
 - fairseq: the registration of the criterion (``pskd`` / ``pskd_label_smoothed_cross_entropy``),
