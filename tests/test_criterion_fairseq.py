@@ -1,5 +1,7 @@
 """The criterion inside a real fairseq task and model, in process: what it stores, what it reads,
 what it trains against, and that validation never touches the store."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -204,6 +206,23 @@ def trained_one_epoch(data_bin, save_dir, *extra):
     return task, model, crit
 
 
+def record_reads(crit):
+    """[thread name, returned] of each of the store's reads from now on: a read on the helper
+    thread ("pskd") is one started before the forward pass; all returned: none left running."""
+    reads, real_read = [], crit.store.read
+
+    def read(*args, **kwargs):
+        call = [threading.current_thread().name, False]
+        reads.append(call)
+        try:
+            return real_read(*args, **kwargs)
+        finally:
+            call[1] = True
+
+    crit.store.read = read
+    return reads
+
+
 def on_meta(sample):
     from fairseq import utils
     return utils.apply_to_sample(lambda t: t.to("meta"), sample)  # as fairseq's move_to_cuda
@@ -230,11 +249,11 @@ def test_training_step_reads_nothing_back_from_the_device(toy_data_bin, tmp_path
     task, model, crit = trained_one_epoch(toy_data_bin, tmp_path)
     writes = []
     crit.store.write = lambda *args: writes.append(args)  # the store's CUDA path stages itself
+    reads = record_reads(crit)
     sample = on_meta(batches(task)[0])
     vocab = len(task.target_dictionary)
     logits = torch.empty(*sample["target"].shape, vocab, device="meta", requires_grad=True)
     crit.start_train_step(sample, update_num=30, ignore_grad=False)  # the train_step hook's call
-    assert crit.priors._prefetch is not None  # started before the forward pass
     if not prefetch:
         crit.priors.drop_read()  # compute_loss then reads by itself
     loss, _ = crit.compute_loss(MetaModel(), (logits,), sample)
@@ -243,7 +262,10 @@ def test_training_step_reads_nothing_back_from_the_device(toy_data_bin, tmp_path
     (epoch, ids, lengths, top_idx, top_p), = writes
     assert epoch == 2 and ids.device.type == "cpu"  # ids from the host copy
     assert lengths.device.type == top_idx.device.type == top_p.device.type == "meta"
-    assert crit.priors._prefetch is None
+    # started before the forward pass, on the helper thread (without prefetch: that read dropped,
+    # then one by compute_loss itself); none left running
+    threads = [name.startswith("pskd") for name, _ in reads]
+    assert threads == ([True] if prefetch else [True, False]) and all(done for _, done in reads)
 
     # without the host-side ids the criterion must read them from the device: on a GPU that is
     # a synchronisation; here it raises, which shows this test can see one
@@ -283,9 +305,10 @@ def test_prefetched_priors_are_the_batch_own(toy_data_bin, tmp_path):
         raise Boom("out of memory")
 
     model.forward = failing_forward
+    reads = record_reads(crit)
     with pytest.raises(Boom):
         task.train_step(second, model, crit, BackwardOnly(), update_num=31)
-    assert crit.priors._prefetch is None  # waited for and dropped, not left running
+    assert len(reads) == 1 and reads[0][1]  # started for the step, waited for and dropped, not left running
     assert HOST_IDS in second
     crit.close()
 
