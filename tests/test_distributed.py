@@ -14,14 +14,13 @@ results agree to ~1e-5 in the parameters after 12 updates, hence the tolerances 
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_ARCH, TINY_TRAIN, USER_DIR, epoch_stats
+from conftest import epoch_stats, run, run_fairseq, start, train_args
 
 import fairseq_pskd  # noqa: F401  (registers the criterion)
 from fairseq_pskd import launch
@@ -62,34 +61,17 @@ def prior_lines(log):
                               m.group(6), int(m.group(7))) for m in PRIORS_RE.finditer(log)}
 
 
-def train_args(data_bin, save_dir, *extra, max_tokens=MAX_TOKENS, max_epoch=3):
-    common = list(TINY_TRAIN)
-    common[common.index("--max-tokens") + 1] = str(max_tokens)
-    return [str(data_bin), "--user-dir", USER_DIR, *TINY_ARCH, *common,
-            "--dropout", "0", "--criterion", "pskd", "--pskd-alpha", "0.8", "--pskd-topk", "4",
-            "--label-smoothing", "0.1", "--max-epoch", str(max_epoch), "--save-dir", str(save_dir),
-            *map(str, extra)]
+def no_dropout_args(data_bin, save_dir, *extra, max_tokens=MAX_TOKENS, max_epoch=3):
+    """conftest's train_args with this module's settings: --dropout 0 and --max-tokens ``max_tokens``
+    (after TINY_TRAIN's, so they win), 3 epochs."""
+    return train_args(data_bin, save_dir, "--dropout", "0", "--max-tokens", max_tokens, *extra, max_epoch=max_epoch)
 
 
-def _env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def run_cmd(cmd, check=True, timeout=TIMEOUT):
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=_env(), cwd=str(REPO), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-6000:]}")
-    return proc
-
-
-def single(args, **kw):
-    return run_cmd([sys.executable, "-m", "fairseq_cli.train", *args], **kw)
-
-
-def launched(nproc, args, *launch_args, **kw):
-    return run_cmd([sys.executable, "-m", "fairseq_pskd.launch", "--nproc", str(nproc),
-                    *map(str, launch_args), "--", *args], **kw)
+# conftest has no runner for fairseq_pskd.launch: this one builds its command line and gives
+# run() this module's TIMEOUT (a hung rendezvous fails in 4 minutes, not 10)
+def launched(nproc, args, *launch_args, timeout=TIMEOUT, **kw):
+    return run([sys.executable, "-m", "fairseq_pskd.launch", "--nproc", nproc, *launch_args, "--", *args],
+               timeout=timeout, **kw)
 
 
 def summary(path):
@@ -131,28 +113,26 @@ def trained_ids(data_bin, max_tokens):
 @pytest.fixture(scope="module")
 def single_uf4(toy_data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("single_uf4")
-    return save, single(train_args(toy_data_bin, save, "--update-freq", 4)).stdout
+    return save, run_fairseq("train", *no_dropout_args(toy_data_bin, save, "--update-freq", 4),
+                             timeout=TIMEOUT).stdout
 
 
 @pytest.fixture(scope="module")
 def ddp_shared(toy_data_bin, tmp_path_factory):
     save = tmp_path_factory.mktemp("ddp_shared")
-    return save, launched(2, train_args(toy_data_bin, save, "--update-freq", 2)).stdout
+    return save, launched(2, no_dropout_args(toy_data_bin, save, "--update-freq", 2)).stdout
 
 
 @pytest.fixture(scope="module")
 def ddp_two_nodes(toy_data_bin, tmp_path_factory):
     """Two 'nodes' (two launchers, --nnodes 2, one rank each) with node-local store directories
-    (--pskd-store-dir .../node{node}) and --pskd-store-sync all_gather."""
+    (--pskd-store-dir .../local_disk_{node}/pskd) and --pskd-store-sync all_gather."""
     save = tmp_path_factory.mktemp("ddp_two_nodes")
     port = launch.free_port()
-    args = train_args(toy_data_bin, save, "--update-freq", 2, "--pskd-store-sync", "all_gather",
-                      "--pskd-store-dir", save / "local_disk_{node}" / "pskd")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "fairseq_pskd.launch", "--nproc", "1", "--nnodes", "2",
-         "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
-         "--", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=_env(), cwd=str(REPO)) for node in (0, 1)]
+    args = no_dropout_args(toy_data_bin, save, "--update-freq", 2, "--pskd-store-sync", "all_gather",
+                           "--pskd-store-dir", save / "local_disk_{node}" / "pskd")
+    procs = [start([sys.executable, "-m", "fairseq_pskd.launch", "--nproc", 1, "--nnodes", 2, "--node-rank", node,
+                    "--master-addr", "127.0.0.1", "--master-port", port, "--", *args]) for node in (0, 1)]
     try:
         logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
     finally:
@@ -280,10 +260,11 @@ def test_ddp_empty_shard_dummy_batches(toy_data_bin, tmp_path):
     """One batch per epoch and two ranks: rank 1 trains only the trainer's dummy batch, which
     the criterion neither reads nor writes, yet joins every all_gather. One store directory for
     both ranks: rank 0 writes, rank 1 opens it read-only. legacy_ddp, --update-freq 1."""
-    one = single(train_args(toy_data_bin, tmp_path / "one", max_tokens=ONE_BATCH)).stdout
+    one = run_fairseq("train", *no_dropout_args(toy_data_bin, tmp_path / "one", max_tokens=ONE_BATCH),
+                      timeout=TIMEOUT).stdout
     save = tmp_path / "ddp"
-    log = launched(2, train_args(toy_data_bin, save, "--pskd-store-sync", "all_gather",
-                                 "--ddp-backend", "legacy_ddp", max_tokens=ONE_BATCH)).stdout
+    log = launched(2, no_dropout_args(toy_data_bin, save, "--pskd-store-sync", "all_gather",
+                                      "--ddp-backend", "legacy_ddp", max_tokens=ONE_BATCH)).stdout
     priors = prior_lines(log)
     assert sorted(priors) == [1, 2]
     for e in (1, 2):
@@ -306,8 +287,8 @@ def test_ddp_empty_shard_dummy_batches(toy_data_bin, tmp_path):
 @pytest.mark.e2e
 def test_ddp_shared_sync_refuses_per_rank_directories(toy_data_bin, tmp_path):
     t0 = time.time()
-    proc = launched(2, train_args(toy_data_bin, tmp_path / "ckpt", "--pskd-store-dir",
-                                  tmp_path / "store_{rank}", max_epoch=1), check=False, timeout=240)
+    proc = launched(2, no_dropout_args(toy_data_bin, tmp_path / "ckpt", "--pskd-store-dir",
+                                       tmp_path / "store_{rank}", max_epoch=1), check=False, timeout=240)
     assert proc.returncode != 0
     assert "--pskd-store-sync shared needs one store directory for all ranks" in proc.stdout
     assert "need --pskd-store-sync all_gather" in proc.stdout
@@ -362,7 +343,7 @@ def test_ddp_resume_broadcasts_checkpoint_to_other_ranks(ddp_shared, toy_data_bi
     copy of the shared fixture's run, which the other tests read as it is."""
     save = tmp_path / "resumed"
     shutil.copytree(ddp_shared[0], save)
-    log = launched(2, train_args(toy_data_bin, save, "--update-freq", 2, max_epoch=4)).stdout
+    log = launched(2, no_dropout_args(toy_data_bin, save, "--update-freq", 2, max_epoch=4)).stdout
     assert "Loaded checkpoint" in log and "(epoch 4 @" in log, log[-3000:]
     train = epoch_stats(log)
     assert sorted(train) == [4]

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, USER_DIR, run_fairseq
+from conftest import USER_DIR, run, run_fairseq
 
 import fairseq_pskd  # noqa: F401  (torch>=2.6 loads fairseq checkpoints)
 from fairseq_pskd import calibration as cal
@@ -22,12 +22,8 @@ from fairseq_pskd.plots import parse_log
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args):
-    """The evaluate CLI as a user runs it (separate process, program-mode logging)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "fairseq_pskd.evaluate", *map(str, args)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          cwd=REPO, timeout=300)
+# the evaluate CLI as a user runs it (separate process, program-mode logging)
+EVALUATE = [sys.executable, "-m", "fairseq_pskd.evaluate"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -257,7 +253,8 @@ def test_score_errors_exit_2_without_traceback(gen_files, tmp_path):
     gen, ref = gen_files
     longer = tmp_path / "five.en"
     longer.write_text("\n".join(REFS + ["one more"]) + "\n")
-    proc = run_cli("score", "--generate-output", gen, "--ref", longer)
+    proc = run([*EVALUATE, "score", "--generate-output", gen, "--ref", longer], check=False, timeout=300,
+               stderr=subprocess.PIPE)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: 4 hypotheses in {gen} but 5 reference lines in {longer}; fairseq-generate leaves "
@@ -283,10 +280,9 @@ def test_calibration_end_to_end(toy_data_bin, baseline_run, tmp_path):
 
     save, log = baseline_run
     out_json, png = tmp_path / "cal.json", tmp_path / "rel.png"
-    proc = run_cli("calibration", "--data-bin", toy_data_bin, "--path", save / "checkpoint2.pt",
-                   "--subset", "test", "--bins", 10, "--batch-size", 5, "--json", out_json,
-                   "--png", png, "--cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([*EVALUATE, "calibration", "--data-bin", toy_data_bin, "--path", save / "checkpoint2.pt",
+                "--subset", "test", "--bins", 10, "--batch-size", 5, "--json", out_json, "--png", png, "--cpu"],
+               timeout=300, stderr=subprocess.PIPE)  # check=True: fails with the output's tail unless exit 0
     res = json.loads(out_json.read_text())
 
     # the number of non-pad target tokens, independently from the binarised test targets

@@ -13,17 +13,16 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run
 
 from fairseq_pskd.prepare import binarize, cli, iwslt, text
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "prepare-iwslt15.sh"
 SETS = ["dev2010", "tst2010", "tst2011", "tst2012", "tst2013"]
 TINY = ["--vocab-size", "150", "--workers", "1"]
@@ -178,9 +177,9 @@ def run_inprocess(capsys, *argv):
 
 
 def run_script(*argv):
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    return subprocess.run(["bash", str(SCRIPT), *map(str, argv)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    """scripts/prepare-iwslt15.sh ARGV, outside any virtual environment it would otherwise pick:
+    a CompletedProcess with stdout and stderr apart, whatever its exit status."""
+    return run(["bash", SCRIPT, *argv], check=False, env={"VIRTUAL_ENV": None}, stderr=subprocess.PIPE)
 
 
 def check_extracted(out: Path, src: str, tgt: str, dev="tst2012", test="tst2013"):

@@ -11,12 +11,14 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run
 
 from fairseq_pskd.store import StoreError, TopKStore, read_fairseq_sizes
 from fairseq_pskd.store.staging import PinnedPool, compact_rows, stage_rows, stage_to_host
 from fairseq_pskd.store.writer import WriteJob
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the store's command line, as a user runs it
+STORE_CLI = [sys.executable, "-m", "fairseq_pskd.store"]
 K = 4
 V = 1000
 
@@ -285,7 +287,7 @@ def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
     TopKStore.create(path, lengths, K, V).close()
     script = textwrap.dedent(f"""
         import os, sys, numpy as np, torch
-        sys.path.insert(0, {REPO!r})
+        sys.path.insert(0, {str(REPO)!r})
         from fairseq_pskd.store import TopKStore
         lengths = np.array({lengths.tolist()})
         s = TopKStore.open({path!r}, lengths, {K}, {V})
@@ -303,7 +305,7 @@ def test_reopen_after_crash_mid_epoch(tmp_path, lengths):
         s.write(2, np.arange(10, 20), lengths[10:20], *batch(np.arange(10, 20), 3))
         os._exit(3)                                # killed: no end_epoch, no close, maybe in flight
     """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = run([sys.executable, "-c", script], check=False, timeout=120, stderr=subprocess.PIPE)
     assert r.returncode == 3, r.stderr
     all_ids = np.arange(len(lengths))
     idx1, p1 = make_batch(lengths, all_ids, seed=1)
@@ -391,8 +393,7 @@ def test_run_save_dir_newest_epoch_and_overwritten_rows(tmp_path, lengths):
         assert s.sentences_overwritten(2) == 10 and s.sentences_written(2) == len(lengths) - 10
         assert s.sentences_overwritten(3) == 0 and s.sentences_overwritten(4) == 0
         s.set_run_id("b" * 32, save_dir="/runs/b")
-    summary = json.loads(subprocess.run([sys.executable, "-m", "fairseq_pskd.store", "inspect", str(tmp_path / "s")],
-                                        stdout=subprocess.PIPE, text=True, check=True).stdout)
+    summary = json.loads(run([*STORE_CLI, "inspect", tmp_path / "s"], stderr=subprocess.PIPE).stdout)
     assert (summary["run_id"], summary["run_save_dir"]) == ("b" * 32, "/runs/b")
     assert "dictionary_fingerprint" in summary
 
@@ -672,11 +673,6 @@ def test_read_fairseq_sizes(tmp_path):
 
 # ------------------------------------------------------------------------------ CLI
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fairseq_pskd.store", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.e2e
 def test_store_imports_no_fairseq():
     """The store (and its command line) serves tools that run without fairseq: importing it
@@ -684,8 +680,7 @@ def test_store_imports_no_fairseq():
     the parent package installs whenever torch is imported)."""
     code = ("import sys, fairseq_pskd.store.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fairseq'"
             " or m.startswith('fairseq_pskd.') and m.split('.')[1] not in ('store', 'compat')))")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = run([sys.executable, "-c", code], timeout=120, stderr=subprocess.PIPE)  # check=True: exit 0, else the tail
     assert r.stdout.strip() == "[]", r.stdout
 
 
@@ -699,9 +694,8 @@ def test_cli_imports_no_torch(tmp_path, lengths, command):
         write_epoch(s, 1, lengths, np.arange(7), seed=1)
         s.end_epoch(1)
     args = [str(tmp_path / "s") if a == "STORE" else a for a in command]
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "fairseq_pskd.store", *args], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run([sys.executable, "-X", "importtime", "-m", "fairseq_pskd.store", *args], timeout=120,
+            stderr=subprocess.PIPE)  # check=True: exit 0, else the output's tail (stderr: its last 3000)
     imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
     assert "numpy" in imported and "fairseq_pskd.store.cli" in imported
     assert [m for m in imported if m.split(".")[0] == "torch"] == []
@@ -715,8 +709,7 @@ def test_cli_inspect(tmp_path, lengths):
     with TopKStore.create(tmp_path / "s", lengths, K, V) as s:
         write_epoch(s, 1, lengths, np.arange(7), seed=1)
         s.end_epoch(1)
-    r = run_cli("inspect", str(tmp_path / "s"))
-    assert r.returncode == 0, r.stderr
+    r = run([*STORE_CLI, "inspect", tmp_path / "s"], timeout=120, stderr=subprocess.PIPE)  # check=True: exit 0
     out = json.loads(r.stdout)
     assert out["format_version"] == 1 and out["num_sentences"] == len(lengths)
     assert out["num_tokens"] == int(lengths.sum()) and out["topk"] == K and out["vocab_size"] == V
@@ -744,8 +737,8 @@ def test_cli_estimate_and_errors(tmp_path):
     assert out["num_tokens"] == 100 and out["num_sentences"] == 4 and out["vocab_size"] == 104
     assert out["bytes"] == TopKStore.estimate_bytes(4, 100, 8, 104)
     # subprocess: text output and an error exit
-    r = run_cli("estimate", "--tokens", "140000000", "--sentences", "4500000", "--topk", "8", "--vocab-size", "40000")
-    assert r.returncode == 0, r.stderr
+    r = run([*STORE_CLI, "estimate", "--tokens", "140000000", "--sentences", "4500000", "--topk", "8",
+             "--vocab-size", "40000"], timeout=120, stderr=subprocess.PIPE)  # check=True: exit 0
     assert f"{TopKStore.estimate_bytes(4_500_000, 140_000_000, 8, 40000)} bytes" in r.stdout
     assert "GiB" in r.stdout
 
