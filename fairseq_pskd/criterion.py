@@ -201,7 +201,9 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
         """--save-interval N > 1: a run killed in an epoch without a checkpoint resumes N-1 or more
         epochs back, and the store keeps only the last two epochs' priors (docs/STORE.md)."""
         interval = self.cfg.save_interval or 1
-        if interval > 1 and not self.cfg.no_save:
+        # once per run, not once per rank: every rank logs warnings (fairseq quiets only info)
+        other_rank = torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+        if interval > 1 and not self.cfg.no_save and not other_rank:
             logger.warning(
                 "PS-KD: --save-interval %d saves a checkpoint every %d epochs, but the store keeps the "
                 "priors of the last two epochs only: a run killed in an epoch that follows one without "

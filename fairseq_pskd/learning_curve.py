@@ -186,9 +186,13 @@ def plot(rows, out, baseline="baseline", title=None):
         ax.set_xticks([], minor=True)  # a log axis's own minor labels (4x10^3, ...) would overlap
         ax.set_xlabel("training pairs")
         ax.set_title(label)
-    axes[0].legend(fontsize=7)
+    # One legend below the panels: inside an axis it covered points.
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows_of_legend = -(-len(handles) // 6) if handles else 0
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
     fig.suptitle(title or f"against {baseline}: below 0 is better for NLL and ECE, above 0 for BLEU")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 * rows_of_legend, 1, 1))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

@@ -259,12 +259,15 @@ def test_ddp_all_gather_node_local_stores_identical_and_complete(ddp_two_nodes, 
 def test_ddp_empty_shard_dummy_batches(toy_data_bin, tmp_path):
     """One batch per epoch and two ranks: rank 1 trains only the trainer's dummy batch, which
     the criterion neither reads nor writes, yet joins every all_gather. One store directory for
-    both ranks: rank 0 writes, rank 1 opens it read-only. legacy_ddp, --update-freq 1."""
+    both ranks: rank 0 writes, rank 1 opens it read-only. legacy_ddp, --update-freq 1.
+    --save-interval 2 (the store does not depend on it): its warning is said once, not per rank."""
     one = run_fairseq("train", *no_dropout_args(toy_data_bin, tmp_path / "one", max_tokens=ONE_BATCH),
                       timeout=TIMEOUT).stdout
     save = tmp_path / "ddp"
     log = launched(2, no_dropout_args(toy_data_bin, save, "--pskd-store-sync", "all_gather",
-                                      "--ddp-backend", "legacy_ddp", max_tokens=ONE_BATCH)).stdout
+                                      "--ddp-backend", "legacy_ddp", "--save-interval", 2,
+                                      max_tokens=ONE_BATCH)).stdout
+    assert log.count("PS-KD: --save-interval 2 saves a checkpoint every 2 epochs") == 1
     priors = prior_lines(log)
     assert sorted(priors) == [1, 2]
     for e in (1, 2):
