@@ -17,13 +17,18 @@ import re
 import shutil
 import zipfile
 
-__all__ = ["atomic_copy", "install_atomic_copy", "restore_file_error", "damage"]
+__all__ = ["atomic_copy", "install_atomic_copy", "checkpoint_suffix", "restore_file_error", "damage"]
 
 _TMP_SUFFIX = ".tmp"  # fairseq's own suffix for the checkpoint it writes before renaming it
 
 
 def atomic_copy(src, dst):
-    """Copy ``src`` to ``dst`` so that ``dst`` is always the old file or the complete new one."""
+    """Copy ``src`` to ``dst`` so that ``dst`` is always the old file or the complete new one.
+
+    A ``dst`` that is a symbolic link keeps it: the file it points to is the one replaced, as
+    ``shutil.copyfile`` would write through it (a checkpoint_last.pt linked to another disk stays
+    there)."""
+    dst = os.path.realpath(dst)
     tmp = dst + _TMP_SUFFIX
     try:
         shutil.copyfile(src, tmp)
@@ -79,10 +84,19 @@ def damage(path):
     return None
 
 
+def checkpoint_suffix(suffix, ddp_backend, use_sharded_state, rank):
+    """What fairseq 0.12 adds to this rank's checkpoint file names (``Trainer.checkpoint_suffix``):
+    ``--checkpoint-suffix``, and with FSDP's ``--use-sharded-state`` a ``-shard{rank}`` per rank."""
+    if ddp_backend == "fully_sharded" and use_sharded_state:
+        return f"{suffix or ''}-shard{rank}"
+    return suffix or ""
+
+
 def restore_file_error(save_dir, restore_file="checkpoint_last.pt", suffix=""):
     """A ValueError to stop with when the checkpoint fairseq-train would resume from is damaged,
-    naming the newest intact checkpoint and the command that resumes from it; else None."""
-    # the path fairseq 0.12's checkpoint_utils.load_checkpoint reads (FSDP's per-shard suffix aside)
+    naming the newest intact checkpoint and the command that resumes from it; else None.
+    ``suffix``: this rank's, from ``checkpoint_suffix``."""
+    # the path fairseq 0.12's checkpoint_utils.load_checkpoint reads
     if restore_file == "checkpoint_last.pt":
         path = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
     else:

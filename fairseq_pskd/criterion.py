@@ -28,8 +28,8 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 from omegaconf import II
 
-from .checkpoints import restore_file_error
-from .distributed import check_store_dir_template, raise_on_every_rank
+from .checkpoints import checkpoint_suffix, restore_file_error
+from .distributed import check_store_dir_template, dist_info, raise_on_every_rank
 from .loss import REMAINDERS, pskd_loss, pskd_loss_from_logits
 from .priors import Priors, to_device
 from .task_hooks import TaskHooks, refuse_unservable_data
@@ -106,6 +106,8 @@ class PSKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     no_save: bool = II("checkpoint.no_save")
     restore_file: str = II("checkpoint.restore_file")
     checkpoint_suffix: str = II("checkpoint.checkpoint_suffix")
+    ddp_backend: str = II("distributed_training.ddp_backend")
+    use_sharded_state: bool = II("distributed_training.use_sharded_state")
     max_epoch: int = II("optimization.max_epoch")
     max_update: int = II("optimization.max_update")
     train_subset: str = II("dataset.train_subset")
@@ -157,7 +159,8 @@ class PSKDLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion)
             check_store_dir_template(cfg.pskd_store_dir)
         # before fairseq loads it: a damaged checkpoint_last.pt gets the command that repairs it,
         # on every rank (a rank that stopped alone would leave the others in the load's broadcast)
-        raise_on_every_rank(restore_file_error(cfg.save_dir, cfg.restore_file, cfg.checkpoint_suffix or ""),
+        suffix = checkpoint_suffix(cfg.checkpoint_suffix, str(cfg.ddp_backend), cfg.use_sharded_state, dist_info()[0])
+        raise_on_every_rank(restore_file_error(cfg.save_dir, cfg.restore_file, suffix),
                             "checking the checkpoint to resume from")
         self.priors = Priors(cfg.pskd_store_dir or os.path.join(cfg.save_dir, "pskd_store"),
                              self.topk, sync, cfg.save_dir)

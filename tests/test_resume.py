@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import LABEL_SMOOTHING, epoch_stats, run, run_fairseq, train_args, train_until_killed
 
+from fairseq_pskd.checkpoints import checkpoint_suffix, restore_file_error
 from fairseq_pskd.store import TopKStore
 
 pytestmark = pytest.mark.e2e
@@ -188,6 +189,54 @@ def test_damaged_checkpoint_last_stops_with_the_command_that_repairs_it(toy_data
     run(command.split())
     log = run_fairseq("train", *pskd(toy_data_bin, save, 3)).stdout
     assert sorted(epoch_stats(log)) == [3] and epoch_stats(log)[3]["pskd_coverage"] == 1.0
+
+
+def test_symlinked_checkpoint_last_stays_a_link_to_the_new_checkpoint(toy_data_bin, tmp_path):
+    """A checkpoint_last.pt that is a symbolic link (to another disk, say) stays one: the atomic
+    copy replaces the file it points to, as fairseq's plain copy writes through it."""
+    save, elsewhere = tmp_path / "run", tmp_path / "other_disk"
+    run_fairseq("train", *pskd(toy_data_bin, save, 1))
+    elsewhere.mkdir()
+    last, target = save / "checkpoint_last.pt", elsewhere / "checkpoint_last.pt"
+    shutil.move(last, target)
+    last.symlink_to(target)
+    run_fairseq("train", *pskd(toy_data_bin, save, 2))
+    assert last.is_symlink() and last.resolve() == target.resolve()
+    ckpt = torch.load(target, map_location="cpu", weights_only=False)
+    assert ckpt["extra_state"]["train_iterator"]["epoch"] == 3  # epoch 2's (it names the epoch it starts next)
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["checkpoint_last.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("backend,sharded,suffix", [
+    ("c10d", False, ""), ("c10d", True, "-a"), ("fully_sharded", False, "-a"),
+    ("fully_sharded", True, ""), ("fully_sharded", True, "-a")])
+def test_checkpoint_suffix_is_the_one_fairseq_loads(backend, sharded, suffix):
+    """The suffix the damage check reads is fairseq's own (Trainer.checkpoint_suffix), FSDP's
+    per-rank shard included."""
+    from types import SimpleNamespace
+
+    from fairseq.trainer import Trainer
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(distributed_training=SimpleNamespace(ddp_backend=backend, use_sharded_state=sharded),
+                            checkpoint=SimpleNamespace(checkpoint_suffix=suffix)),
+        is_fsdp=backend == "fully_sharded", data_parallel_rank=3)
+    assert checkpoint_suffix(suffix, backend, sharded, 3) == Trainer.checkpoint_suffix.fget(trainer)
+
+
+def test_damaged_shard_names_the_same_ranks_intact_shard(tmp_path):
+    """With FSDP's sharded state each rank resumes from its own checkpoint_last-shardR.pt: a
+    damaged one is found, and the fix names that rank's newest intact shard, not another rank's."""
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.zeros(8)}, good)
+    for name in ("checkpoint2-shard0.pt", "checkpoint1-shard1.pt", "checkpoint_last-shard0.pt"):
+        shutil.copyfile(good, tmp_path / name)
+    (tmp_path / "checkpoint_last-shard1.pt").write_bytes(good.read_bytes()[:100])
+    suffix = checkpoint_suffix("", "fully_sharded", True, 1)
+    error = restore_file_error(str(tmp_path), "checkpoint_last.pt", suffix)
+    assert error is not None and "checkpoint_last-shard1.pt, is damaged (truncated" in str(error)
+    assert f"cp {tmp_path / 'checkpoint1-shard1.pt'} {tmp_path / 'checkpoint_last-shard1.pt'}" in str(error)
+    assert restore_file_error(str(tmp_path), "checkpoint_last.pt", checkpoint_suffix("", "fully_sharded", True, 0)) \
+        is None
 
 
 # ------------------------------------------------------------------ options and paths, said as a user meets them

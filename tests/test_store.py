@@ -1,6 +1,7 @@
 """Tests for fairseq_pskd.store.TopKStore (disk-backed top-k priors) and its CLI."""
 import errno
 import json
+import logging
 import os
 import re
 import struct
@@ -355,10 +356,10 @@ def test_open_other_k_or_vocab(tmp_path, lengths):
         TopKStore.open_or_create(tmp_path / "s", lengths, K, 1008)
 
 
-def test_open_other_dictionary_of_the_same_size(tmp_path, lengths):
+def test_open_other_dictionary_of_the_same_size(tmp_path, lengths, caplog):
     """The store records its target dictionary's fingerprint: the same symbols in another order
     (same size) are refused; a store that recorded none (written before it did) takes the first
-    one it is opened for writing with, and refuses others from then on."""
+    one it is opened for writing with, says so once, and refuses others from then on."""
     symbols = [f"w{i}" for i in range(V)]
     reordered = [symbols[1], symbols[0], *symbols[2:]]
     TopKStore.create(tmp_path / "s", lengths, K, V, dictionary=symbols).close()
@@ -371,8 +372,13 @@ def test_open_other_dictionary_of_the_same_size(tmp_path, lengths):
         TopKStore.open(tmp_path / "s", lengths, K, V, dictionary=symbols[:-1])
 
     TopKStore.create(tmp_path / "old", lengths, K, V).close()  # no dictionary recorded
-    with TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=reordered) as s:
-        assert s.dictionary_fingerprint is not None
+    with caplog.at_level(logging.WARNING, logger="fairseq_pskd.store"):
+        with TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=reordered) as s:
+            assert s.dictionary_fingerprint is not None
+        with TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=reordered):
+            pass
+    adopted = [r.getMessage() for r in caplog.records if "recorded no target dictionary" in r.getMessage()]
+    assert len(adopted) == 1 and "over this run's dictionary (1000 symbols)" in adopted[0]  # said once: now recorded
     with pytest.raises(StoreError, match=r"another target dictionary"):
         TopKStore.open(tmp_path / "old", lengths, K, V, dictionary=symbols)
 

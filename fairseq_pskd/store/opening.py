@@ -5,6 +5,7 @@ it took, the directory it made. The files themselves are made in create.py and c
 open_checks.py; the lock is lock.py's."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -16,6 +17,8 @@ from .lock import StoreLock, lock_or_undo
 from .open_checks import check_openable, read_checked
 
 __all__ = ["create_store", "open_store", "open_or_create_store"]
+
+logger = logging.getLogger(__package__)
 
 
 def create_store(cls, path, target_lengths, topk: int, vocab_size: int, lock: bool = True,
@@ -53,9 +56,15 @@ def open_store(cls, path, target_lengths=None, topk: Optional[int] = None, vocab
         dictionary_fp = checked_dictionary_fingerprint(dictionary, vocab_size)
         header, stored = read_checked(path, target_lengths, topk, vocab_size, dictionary_fp)
         if dictionary_fp is not None and header.get("dictionary_fingerprint") is None and not readonly:
-            # a store written before stores recorded their dictionary records the one it is opened for
+            # a store written before stores recorded their dictionary records the one it is opened for;
+            # said, because what it holds cannot be checked against it
             header = dict(header, dictionary_fingerprint=dictionary_fp)
             replace_header(path, header)
+            logger.warning(
+                "the PS-KD store at %s recorded no target dictionary (it was written before stores did): its "
+                "priors are taken to be over this run's dictionary (%d symbols), which it records from now on. "
+                "If the data were binarised again since the store was written, delete the store", path,
+                header["vocab_size"])
         try:
             return cls(path, header, stored, readonly=readonly, lock=held)
         except PermissionError as e:
