@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,8 +214,6 @@ def test_symlinked_checkpoint_last_stays_a_link_to_the_new_checkpoint(toy_data_b
 def test_checkpoint_suffix_is_the_one_fairseq_loads(backend, sharded, suffix):
     """The suffix the damage check reads is fairseq's own (Trainer.checkpoint_suffix), FSDP's
     per-rank shard included."""
-    from types import SimpleNamespace
-
     from fairseq.trainer import Trainer
     trainer = SimpleNamespace(
         cfg=SimpleNamespace(distributed_training=SimpleNamespace(ddp_backend=backend, use_sharded_state=sharded),
